@@ -1,0 +1,39 @@
+"""engram-hf: DeepSeek Engram conditional memory as Hugging Face transformers models.
+
+Importing this package registers the Engram configs and models with the Auto classes, so in-process loading needs no
+`trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .modeling.configuration_engram import EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config
+from .modeling.hashing_engram import NgramHasher
+from .modeling.modeling_engram_llama import EngramLlamaForCausalLM, EngramLlamaModel
+from .modeling.modeling_engram_qwen2 import EngramQwen2ForCausalLM, EngramQwen2Model
+from .modeling.modeling_engram_qwen3 import EngramQwen3ForCausalLM, EngramQwen3Model
+from .tokenization.tokenization_engram import EngramTokenizer, build_compression_map
+
+for _config, _model, _causal_lm in (
+    (EngramLlamaConfig, EngramLlamaModel, EngramLlamaForCausalLM),
+    (EngramQwen2Config, EngramQwen2Model, EngramQwen2ForCausalLM),
+    (EngramQwen3Config, EngramQwen3Model, EngramQwen3ForCausalLM),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _causal_lm, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "EngramLlamaConfig",
+    "EngramLlamaForCausalLM",
+    "EngramLlamaModel",
+    "EngramQwen2Config",
+    "EngramQwen2ForCausalLM",
+    "EngramQwen2Model",
+    "EngramQwen3Config",
+    "EngramQwen3ForCausalLM",
+    "EngramQwen3Model",
+    "EngramTokenizer",
+    "NgramHasher",
+    "build_compression_map",
+]

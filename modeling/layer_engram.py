@@ -1,0 +1,118 @@
+"""The Engram layer (spec §3): table lookup, hidden-state gating, value projection and dilated ShortConv."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+
+
+class EngramRMSNorm(nn.Module):
+    """RMSNorm with an explicit epsilon, computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class EngramShortConv(nn.Module):
+    """Y = SiLU(Conv(RMSNorm(V))): depthwise, causal, dilated over time; history travels with the cache."""
+
+    def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int, eps: float):
+        super().__init__()
+        channels = hidden_size * hc_mult
+        self.norms = nn.ModuleList(EngramRMSNorm(hidden_size, eps) for _ in range(hc_mult))
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, dilation=dilation, bias=False)
+        self.history = (kernel_size - 1) * dilation
+
+    def forward(
+        self,
+        values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        layer_idx: int | None = None,
+    ) -> torch.Tensor:
+        """values `[B, T, M, d]` -> `[B, T, M, d]`; positions with `padding_mask == 0` feed zeros to the conv."""
+        batch, seq, hc, dim = values.shape
+        normed = torch.cat([norm(values[:, :, m]) for m, norm in enumerate(self.norms)], dim=-1)  # [B, T, M*d]
+        if padding_mask is not None:
+            normed = normed * padding_mask[:, -seq:, None].to(normed.dtype)
+        x = normed.transpose(1, 2)  # [B, M*d, T]
+        if past_key_values is not None and past_key_values.get_conv_state(layer_idx, state_idx=1) is None:
+            x = F.pad(x, (self.history, 0))  # prefill: zeros before the start, kept as the first history
+        if past_key_values is not None:
+            x = past_key_values.update_conv_state(x, layer_idx, state_idx=1, conv_kernel_size=self.history)
+        else:
+            x = F.pad(x, (self.history, 0))
+        x = x[..., -(self.history + seq) :]  # [B, M*d, history + T]
+        y = F.silu(self.conv(x))  # [B, M*d, T]
+        return y.transpose(1, 2).reshape(batch, seq, hc, dim)
+
+
+class EngramLayer(nn.Module):
+    """Conditional memory of one decoder layer.
+
+    The table holds the rows of all `(N-1)*K` heads (per-head offsets are added by the hasher). Given the looked-up
+    memory `e` `[B, T, d_mem]` and the hidden state `[B, T, M, d]`, returns `Y` `[B, T, M, d]` to add to the residual.
+    """
+
+    def __init__(self, config, layer_idx: int, num_rows: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.hc_mult = config.engram_hc_mult
+        n_orders = config.engram_max_ngram_size - 1
+        self.head_dim = config.engram_n_embed_per_ngram // config.engram_n_head_per_ngram
+        self.memory_size = n_orders * config.engram_n_embed_per_ngram
+        eps = config.engram_norm_eps
+        self.table = nn.Embedding(num_rows, self.head_dim)
+        self.key_proj = nn.ModuleList(
+            nn.Linear(self.memory_size, self.hidden_size, bias=config.engram_proj_bias) for _ in range(self.hc_mult)
+        )
+        self.norm_key = nn.ModuleList(EngramRMSNorm(self.hidden_size, eps) for _ in range(self.hc_mult))
+        self.norm_query = nn.ModuleList(EngramRMSNorm(self.hidden_size, eps) for _ in range(self.hc_mult))
+        self.value_proj = nn.Linear(self.memory_size, self.hidden_size, bias=config.engram_proj_bias)
+        self.short_conv = (
+            EngramShortConv(
+                self.hidden_size, self.hc_mult, config.engram_kernel_size, config.engram_max_ngram_size, eps
+            )
+            if config.engram_use_short_conv
+            else None
+        )
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """`[B, T, (N-1)*K]` global row ids -> memory `[B, T, d_mem]` on the table's device."""
+        return self.table(rows.to(self.table.weight.device)).flatten(-2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        memory: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """hidden_states `[B, T, M, d]`, memory `[B, T, d_mem]` -> `[B, T, M, d]`."""
+        memory = memory.to(device=hidden_states.device, dtype=self.value_proj.weight.dtype)
+        gates = []
+        for m in range(self.hc_mult):
+            key = self.norm_key[m](self.key_proj[m](memory))  # [B, T, d]
+            query = self.norm_query[m](hidden_states[:, :, m])  # [B, T, d]
+            score = (key * query).sum(-1, keepdim=True) / math.sqrt(self.hidden_size)  # [B, T, 1]
+            score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
+            gates.append(torch.sigmoid(score))
+        value = self.value_proj(memory)  # [B, T, d]
+        gated = torch.stack(gates, dim=2) * value.unsqueeze(2)  # [B, T, M, d]
+        if self.short_conv is None:
+            return gated.to(hidden_states.dtype)
+        out = gated + self.short_conv(gated, padding_mask, past_key_values, self.layer_idx)
+        return out.to(hidden_states.dtype)

@@ -1,0 +1,242 @@
+"""Family-independent Engram model machinery: decoder-layer wiring, hashing at forward entry, cache state, init, save."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer,
+    LinearAttentionCacheLayerMixin,
+)
+
+from .hashing_engram import NgramHasher
+from .layer_engram import EngramLayer
+
+# Cache states of an Engram-carrying layer: the N-1 previous compressed ids, then the ShortConv input history.
+ID_STATE, CONV_STATE = 0, 1
+
+
+def _engram_cache_layer(layer, number_of_states: int):
+    """A cache layer that also holds Engram states, replacing a still-empty attention-only layer."""
+    if isinstance(layer, LinearAttentionCacheLayerMixin):
+        return layer
+    if getattr(layer, "is_initialized", False):
+        raise ValueError("This cache was filled by a model without Engram; start generation with a fresh cache.")
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        new = LinearAttentionAndSlidingWindowAttentionLayer(layer.sliding_window, number_of_states=number_of_states)
+    elif type(layer) is DynamicLayer:
+        new = LinearAttentionAndFullAttentionLayer(number_of_states=number_of_states)
+    else:
+        raise NotImplementedError(f"Engram models support dynamic caches only, got a {type(layer).__name__} layer.")
+    if getattr(layer, "record_past", False):
+        new.activate_past_recording()
+    return new
+
+
+class EngramDecoderLayerMixin:
+    """Adds `self.engram` to a base decoder layer and computes `h = h + Engram(h)` before attention."""
+
+    def __init__(self, config, layer_idx: int, num_rows: int):
+        super().__init__(config, layer_idx)
+        self.engram = EngramLayer(config, layer_idx, num_rows)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *args,
+        engram_memory: dict[int, torch.Tensor] | None = None,
+        engram_padding_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        memory = engram_memory[self.engram.layer_idx]  # [B, T, d_mem]
+        update = self.engram(hidden_states.unsqueeze(2), memory, engram_padding_mask, past_key_values)
+        hidden_states = hidden_states + update.squeeze(2)
+        return super().forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
+
+
+class EngramPreTrainedMixin:
+    """Engram init, load-time map check and remote-code saving, mixed before the family's `PreTrainedModel`."""
+
+    # {"AutoModel": class name, "AutoModelForCausalLM": class name} of the family module
+    engram_auto_classes: dict[str, str] = {}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, EngramLayer):
+            # graft init (spec §4): zero value path and conv, so the layer adds exactly zero
+            init.zeros_(module.value_proj.weight)
+            if module.value_proj.bias is not None:
+                init.zeros_(module.value_proj.bias)
+            if module.short_conv is not None:
+                init.zeros_(module.short_conv.conv.weight)
+        elif isinstance(module, NgramHasher):
+            identity = torch.arange(module.compression_map.shape[0]) % module.compressed_vocab_size
+            init.copy_(module.compression_map, identity)
+            module.reset_constants()
+
+    def check_engram_map(self) -> None:
+        """Raise if the stored compression map disagrees with the config (length or V')."""
+        hasher = self.get_engram_hasher()
+        cmap, cfg = hasher.compression_map, self.config
+        n_distinct = int(torch.unique(cmap).numel())
+        if cmap.shape[0] != cfg.engram_map_size or n_distinct != cfg.engram_compressed_vocab_size or (
+            cmap.numel() and (int(cmap.min()) < 0 or int(cmap.max()) >= cfg.engram_compressed_vocab_size)
+        ):
+            raise ValueError(
+                f"Stored Engram compression map (length {cmap.shape[0]}, {n_distinct} compressed ids) does not match the "
+                f"config (engram_map_size={cfg.engram_map_size}, "
+                f"engram_compressed_vocab_size={cfg.engram_compressed_vocab_size})."
+            )
+
+    def set_compression_map(self, compression_map: torch.Tensor) -> None:
+        """Install a tokenizer's compression map (from `build_compression_map`) and check it against the config."""
+        hasher = self.get_engram_hasher()
+        if compression_map.shape != hasher.compression_map.shape:
+            raise ValueError(
+                f"Compression map covers {compression_map.shape[0]} ids, the config expects "
+                f"engram_map_size={self.config.engram_map_size}."
+            )
+        hasher.compression_map.copy_(compression_map)
+        self.check_engram_map()
+
+    def get_engram_hasher(self) -> NgramHasher:
+        return self.get_decoder().engram_hasher
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).check_engram_map()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Save weights and config, plus `auto_map` and every remote-code file of this folder."""
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        config_module = type(self.config).__module__.rsplit(".", 1)[-1]
+        self.config.auto_map = {
+            "AutoConfig": f"{config_module}.{type(self.config).__name__}",
+            **{auto: f"{module}.{name}" for auto, name in self.engram_auto_classes.items()},
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for source in Path(__file__).parent.glob("*.py"):
+            if source.name != "__init__.py":
+                shutil.copy(source, Path(save_directory) / source.name)
+
+
+class EngramModelMixin:
+    """Mixed before the family's base model: swaps in Engram decoder layers and hashes once at forward entry."""
+
+    decoder_layer_class: type
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.engram_hasher = NgramHasher.from_config(config)
+        for layer_idx in config.engram_layer_ids:
+            rows = self.engram_hasher.rows_per_layer(layer_idx)
+            self.layers[layer_idx] = self.decoder_layer_class(config, layer_idx, rows)
+        self.post_init()  # initialises only the modules added above
+
+    def _engram_context(self, compressed: torch.Tensor, past_key_values: Cache) -> torch.Tensor:
+        """Push `[B, T]` compressed ids into every Engram layer's cache; return the `[B, N-1]` ids before them."""
+        hasher, seq = self.engram_hasher, compressed.shape[1]
+        n_states = 2 if self.config.engram_use_short_conv else 1
+        if past_key_values.layer_class_to_replicate is not None:
+            while len(past_key_values.layers) <= max(self.config.engram_layer_ids):
+                past_key_values.layers.append(past_key_values.layer_class_to_replicate())
+        first = self.config.engram_layer_ids[0]
+        prefill = not isinstance(past_key_values.layers[first], LinearAttentionCacheLayerMixin) or (
+            past_key_values.get_conv_state(first, ID_STATE) is None
+        )
+        if prefill:  # before the start of the sequence: the compressed pad id
+            compressed = F.pad(compressed, (hasher.context_size, 0), value=hasher.compressed_pad_id)
+        for layer_idx in self.config.engram_layer_ids:
+            layers = past_key_values.layers
+            layers[layer_idx] = _engram_cache_layer(layers[layer_idx], n_states)
+            history = past_key_values.update_conv_state(
+                compressed, layer_idx, state_idx=ID_STATE, conv_kernel_size=hasher.context_size
+            )
+        return history[:, -(hasher.context_size + seq) : -seq]
+
+    def engram_memory(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        engram_hash_ids: torch.Tensor | None,
+    ) -> dict[int, torch.Tensor]:
+        """Hash the new tokens for all Engram layers and look up their rows: `{layer_id: [B, T, d_mem]}`."""
+        hasher = self.engram_hasher
+        if engram_hash_ids is None:
+            if input_ids is None:
+                raise ValueError(
+                    "Engram models hash token ids: pass `input_ids` (or precomputed `engram_hash_ids`), "
+                    "not only `inputs_embeds`."
+                )
+            compressed = hasher.compress(input_ids, attention_mask)  # [B, T]
+            context = self._engram_context(compressed, past_key_values) if past_key_values is not None else None
+            engram_hash_ids = hasher.hash_compressed(compressed, context)  # [B, T, L, (N-1)*K]
+        elif past_key_values is not None and input_ids is not None:
+            self._engram_context(hasher.compress(input_ids, attention_mask), past_key_values)
+        rows = engram_hash_ids + hasher.offsets  # [B, T, L, (N-1)*K] global rows
+        return {
+            layer_idx: self.layers[layer_idx].engram.lookup(rows[:, :, i])
+            for i, layer_idx in enumerate(self.config.engram_layer_ids)
+        }
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        engram_hash_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        r"""
+        engram_hash_ids (`torch.LongTensor` of shape `(batch_size, sequence_length, num_engram_layers, (N-1)*K)`, *optional*):
+            Per-head row ids precomputed by `NgramHasher.hash_compressed` (e.g. in a data collator); by default they
+            are computed here from `input_ids` and `attention_mask`.
+        """
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        padding_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        memory = self.engram_memory(input_ids, padding_mask, past_key_values, engram_hash_ids)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            engram_memory=memory,
+            engram_padding_mask=padding_mask,
+            **kwargs,
+        )
+
+
+class EngramForCausalLMMixin:
+    """Mixed before the family's `*ForCausalLM`: builds the Engram base model instead of the plain one."""
+
+    model_class: type
+    causal_lm_base: type  # the family's plain *ForCausalLM
+
+    def __init__(self, config):
+        super(self.causal_lm_base, self).__init__(config)  # PreTrainedModel init, skipping the plain decoder build
+        self.model = self.model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
