@@ -33,6 +33,7 @@ class EngramShortConv(nn.Module):
         channels = hidden_size * hc_mult
         self.norms = nn.ModuleList(EngramRMSNorm(hidden_size, eps) for _ in range(hc_mult))
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, dilation=dilation, bias=False)
+        self.conv.engram_zero_init = True
         self.history = (kernel_size - 1) * dilation
 
     def forward(
@@ -59,6 +60,28 @@ class EngramShortConv(nn.Module):
         return y.transpose(1, 2).reshape(batch, seq, hc, dim)
 
 
+class EngramTable(nn.Embedding):
+    """The hashed-memory table of one Engram layer; stays in host memory (spec §6).
+
+    `model.to(device)` / `.cuda()` convert its dtype but never move it off the host (only moves to the CPU, or
+    materialising it from the meta device, change its device); set `keep_on_host = False` to let it follow the model.
+    The weight is an ordinary parameter, saved and loaded as `...engram.table.weight`.
+    """
+
+    keep_on_host = True
+
+    def _apply(self, fn, recurse=True):
+        weight = self.weight
+        if not self.keep_on_host or weight.device.type in ("meta",):
+            return super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
+        if probe.device == weight.device or probe.device.type == "cpu":
+            return super()._apply(fn, recurse)
+        if probe.dtype == weight.dtype:
+            return self
+        return super()._apply(lambda t: t.to(dtype=probe.dtype) if t.is_floating_point() else t, recurse)
+
+
 class EngramLayer(nn.Module):
     """Conditional memory of one decoder layer.
 
@@ -75,13 +98,14 @@ class EngramLayer(nn.Module):
         self.head_dim = config.engram_n_embed_per_ngram // config.engram_n_head_per_ngram
         self.memory_size = n_orders * config.engram_n_embed_per_ngram
         eps = config.engram_norm_eps
-        self.table = nn.Embedding(num_rows, self.head_dim)
+        self.table = EngramTable(num_rows, self.head_dim)
         self.key_proj = nn.ModuleList(
             nn.Linear(self.memory_size, self.hidden_size, bias=config.engram_proj_bias) for _ in range(self.hc_mult)
         )
         self.norm_key = nn.ModuleList(EngramRMSNorm(self.hidden_size, eps) for _ in range(self.hc_mult))
         self.norm_query = nn.ModuleList(EngramRMSNorm(self.hidden_size, eps) for _ in range(self.hc_mult))
         self.value_proj = nn.Linear(self.memory_size, self.hidden_size, bias=config.engram_proj_bias)
+        self.value_proj.engram_zero_init = True
         self.short_conv = (
             EngramShortConv(
                 self.hidden_size, self.hc_mult, config.engram_kernel_size, config.engram_max_ngram_size, eps

@@ -20,7 +20,7 @@ from transformers.cache_utils import (
 )
 
 from .hashing_engram import NgramHasher
-from .layer_engram import EngramLayer
+from .layer_engram import EngramLayer, EngramTable
 
 # Cache states of an Engram-carrying layer: the N-1 previous compressed ids, then the ShortConv input history.
 ID_STATE, CONV_STATE = 0, 1
@@ -41,6 +41,32 @@ def _engram_cache_layer(layer, number_of_states: int):
     if getattr(layer, "record_past", False):
         new.activate_past_recording()
     return new
+
+
+def keep_tables_on_host(model: nn.Module, device_map: dict) -> dict:
+    """Rewrite `device_map` in place so that no entry covers an Engram table (`EngramTable` with `keep_on_host`).
+
+    Every entry that is an ancestor of a table (`""`, `"model"`, `"model.layers.1"`, ...) is replaced by entries for
+    its children on the same device, the table excepted. Tables then load on the CPU (the default of an unmapped
+    weight), get no accelerate hook and do not appear in `hf_device_map`.
+    """
+    tables = [name for name, module in model.named_modules() if isinstance(module, EngramTable) and module.keep_on_host]
+    for table in tables:
+        parts = table.split(".")
+        for depth in range(len(parts) + 1):  # top-down, so each expanded ancestor's child is expanded next
+            name = ".".join(parts[:depth])
+            if name not in device_map:
+                continue
+            device = device_map.pop(name)
+            if name == table:
+                continue
+            module, prefix = model.get_submodule(name), f"{name}." if name else ""
+            for child, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                device_map.setdefault(prefix + child, device)
+            for child, _ in module.named_children():
+                if prefix + child != table:
+                    device_map.setdefault(prefix + child, device)
+    return device_map
 
 
 class EngramDecoderLayerMixin:
@@ -70,21 +96,30 @@ class EngramPreTrainedMixin:
 
     # {"AutoModel": class name, "AutoModelForCausalLM": class name} of the family module
     engram_auto_classes: dict[str, str] = {}
+    # Engram tables stay in host memory (spec §6): kept out of device_map placement and accelerate hooks
+    _no_placement_params = ["engram.table.weight"]
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        if load_config.device_map is not None:  # same dict object that accelerate dispatch receives afterwards
+            keep_tables_on_host(model, load_config.device_map)
+        return super(EngramPreTrainedMixin, type(model))._load_pretrained_model(
+            model, state_dict, checkpoint_files, load_config, *args, **kwargs
+        )
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, EngramLayer):
-            # graft init (spec §4): zero value path and conv, so the layer adds exactly zero
-            init.zeros_(module.value_proj.weight)
-            if module.value_proj.bias is not None:
-                init.zeros_(module.value_proj.bias)
-            if module.short_conv is not None:
-                init.zeros_(module.short_conv.conv.weight)
+        if getattr(module, "engram_zero_init", False):
+            # graft init (spec §4): value path and conv start at zero, so every Engram layer adds exactly zero
+            init.zeros_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, NgramHasher):
             identity = torch.arange(module.compression_map.shape[0]) % module.compressed_vocab_size
             init.copy_(module.compression_map, identity)
             module.reset_constants()
+        else:
+            super()._init_weights(module)
 
     def check_engram_map(self) -> None:
         """Raise if the stored compression map disagrees with the config (length or V')."""
@@ -116,6 +151,8 @@ class EngramPreTrainedMixin:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        if isinstance(kwargs.get("device_map"), dict):  # rewritten in place by keep_tables_on_host: not the caller's
+            kwargs["device_map"] = dict(kwargs["device_map"])
         loaded = super().from_pretrained(*args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).check_engram_map()
         return loaded
