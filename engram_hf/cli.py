@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo
+from . import bench, demo
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-hf", description="DeepSeek Engram for Hugging Face transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(commands)
+    bench.add_parser(commands)
     return parser
 
 

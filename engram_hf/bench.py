@@ -1,0 +1,303 @@
+"""`engram-hf bench`: speed and memory of an Engram model against its base, side by side in one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from .modeling.configuration_engram import EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config
+from .modeling.hashing_engram import NgramHasher, layer_multipliers
+from .modeling.modeling_engram_llama import EngramLlamaForCausalLM
+from .modeling.modeling_engram_qwen2 import EngramQwen2ForCausalLM
+from .modeling.modeling_engram_qwen3 import EngramQwen3ForCausalLM
+from .tokenization.tokenization_engram import build_compression_map
+
+FAMILIES = {
+    "llama": (EngramLlamaConfig, EngramLlamaForCausalLM),
+    "qwen2": (EngramQwen2Config, EngramQwen2ForCausalLM),
+    "qwen3": (EngramQwen3Config, EngramQwen3ForCausalLM),
+}
+_DROP_KEYS = {"model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
+
+
+def engram_twin(base: nn.Module, tokenizer, compression=None, **engram_fields) -> nn.Module:
+    """An in-memory Engram model holding `base`'s weights, with graft init (computes exactly `base`'s function)."""
+    family = base.config.model_type
+    if family not in FAMILIES:
+        raise ValueError(f"Unsupported model type {family!r}; supported: {', '.join(FAMILIES)}.")
+    config_class, model_class = FAMILIES[family]
+    cmap, v_prime = compression if compression is not None else build_compression_map(tokenizer)
+    fields = {k: v for k, v in base.config.to_dict().items() if k not in _DROP_KEYS}
+    config = config_class(
+        **fields, engram_map_size=len(tokenizer), engram_compressed_vocab_size=v_prime, **engram_fields
+    )
+    model = model_class(config).to(base.dtype)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or any("engram" not in key for key in missing):
+        raise ValueError(f"Base weights do not fit the Engram model: missing {missing}, unexpected {unexpected}.")
+    model.set_compression_map(cmap)
+    return model.eval()
+
+
+def numpy_reference_hash(compressed: np.ndarray, multipliers: list[list[int]], moduli: list[list[int]], n: int, k: int, pad: int):
+    """The reference definition in plain NumPy: full-sequence recompute, a loop over layers, orders and heads."""
+    out = []
+    for mults, mods in zip(multipliers, moduli):
+        padded = np.concatenate([np.full((compressed.shape[0], n - 1), pad, dtype=np.int64), compressed], axis=1)
+        seq = compressed.shape[1]
+        cols = []
+        for order in range(2, n + 1):
+            mix = np.zeros_like(compressed)
+            for j in range(order):
+                mix ^= padded[:, n - 1 - j : n - 1 - j + seq] * np.int64(mults[j])
+            for head in range(k):
+                cols.append(mix % mods[(order - 2) * k + head])
+        out.append(np.stack(cols, -1))
+    return out
+
+
+def _median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def _prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int, reps: int) -> tuple[float, float]:
+    """Median prefill tokens/s (uncached forward of the prompt) and greedy decode tokens/s (cached, one token a step)."""
+
+    def prefill():
+        model(prompt, use_cache=False, logits_to_keep=1)
+
+    def decode():
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - start
+
+    prefill_s = _median_time(prefill, reps)
+    decode()
+    decode_s = statistics.median(decode() for _ in range(reps))
+    return prompt.numel() / prefill_s, new_tokens * prompt.shape[0] / decode_s
+
+
+def _resize_tables(model, rows_per_head: int) -> int:
+    """Point every Engram table at `rows_per_head`-sized heads (uninitialised, lazily committed memory)."""
+    cfg, decoder = model.config, model.get_decoder()
+    n_orders = cfg.engram_max_ngram_size - 1
+    cfg.engram_vocab_size = [rows_per_head] * n_orders
+    old = decoder.engram_hasher
+    decoder.engram_hasher = NgramHasher.from_config(cfg, compression_map=old.compression_map)
+    for layer_id in cfg.engram_layer_ids:
+        engram = decoder.layers[layer_id].engram
+        rows = decoder.engram_hasher.rows_per_layer(layer_id)
+        weight = torch.empty(rows, engram.head_dim, dtype=engram.table.weight.dtype)
+        engram.table = nn.Embedding(rows, engram.head_dim, _weight=weight)
+    return decoder.engram_hasher.rows_per_layer(cfg.engram_layer_ids[0])
+
+
+def _peak_rss_of(code: str) -> float:
+    """Peak RSS (GiB) of a fresh Python process running `code`."""
+    script = f"{code}\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+
+
+def _load_base(model_id: str | None, tiny: bool):
+    if tiny:
+        from .demo import bundled_smollm2_gguf
+
+        gguf = bundled_smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        )
+        return LlamaForCausalLM(config).eval(), tokenizer, "tiny random Llama (SmolLM2 tokenizer)", "tiny"
+    if model_id is None:
+        from .demo import bundled_smollm2_gguf
+
+        gguf = bundled_smollm2_gguf()
+        load = dict(gguf_file=gguf.name)
+        model_id, name = str(gguf.parent), "SmolLM2-135M-Instruct (GGUF, dequantised to float32)"
+    else:
+        load, name = {}, model_id
+    tokenizer = AutoTokenizer.from_pretrained(model_id, **load)
+    base = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, **load).eval()
+    return base, tokenizer, name, (model_id, load)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    base, tokenizer, name, source = _load_base(args.model, args.tiny)
+    engram = engram_twin(base, tokenizer, engram_n_head_per_ngram=8, engram_max_ngram_size=3)
+    cfg = engram.config
+    results: dict = {
+        "model": name,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "geometry": {"engram_layer_ids": cfg.engram_layer_ids, "engram_max_ngram_size": cfg.engram_max_ngram_size,
+                     "engram_n_head_per_ngram": cfg.engram_n_head_per_ngram,
+                     "engram_n_embed_per_ngram": cfg.engram_n_embed_per_ngram,
+                     "engram_vocab_size": cfg.engram_vocab_size, "compressed_vocab_size": cfg.engram_compressed_vocab_size},
+        "reps": args.reps,
+    }
+    prompt = torch.randint(0, len(tokenizer), (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+
+    # 1. base vs Engram, interleaved so that machine noise hits both alike
+    figures = {"base": [], "engram": []}
+    for _ in tqdm(range(args.reps), desc="base vs engram", disable=args.quiet):
+        for label, model in (("base", base), ("engram", engram)):
+            figures[label].append(_prefill_and_decode(model, prompt, args.new_tokens, reps=1))
+    speed = {}
+    for label, runs in figures.items():
+        speed[label] = {"prefill_tok_s": statistics.median(r[0] for r in runs),
+                        "decode_tok_s": statistics.median(r[1] for r in runs)}
+    speed["decode_ratio"] = speed["engram"]["decode_tok_s"] / speed["base"]["decode_tok_s"]
+    speed["prefill_ratio"] = speed["engram"]["prefill_tok_s"] / speed["base"]["prefill_tok_s"]
+    results["speed"] = speed
+
+    # 2. decode time as the per-layer table grows (O(1) lookups: flat)
+    sweep = []
+    n_heads = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_head_per_ngram
+    for log2 in tqdm(args.table_log2, desc="table sweep", disable=args.quiet):
+        rows = _resize_tables(engram, max(2, 2**log2 // n_heads))
+        _, decode_tok_s = _prefill_and_decode(engram, prompt[:, :32], args.new_tokens, reps=args.reps)
+        sweep.append({"log2_rows": log2, "rows_per_layer": rows, "decode_ms_per_token": 1e3 / decode_tok_s})
+    results["table_sweep"] = sweep
+    results["table_sweep_ratio"] = sweep[0]["decode_ms_per_token"] / sweep[-1]["decode_ms_per_token"]
+
+    # 3. hashing: per decode step at two context lengths, and prefill throughput against NumPy
+    hasher = engram.get_engram_hasher()
+    hashing = {}
+    for context_len in (128, 4096):
+        ids = torch.randint(0, len(tokenizer), (1, context_len))
+        compressed = hasher.compress(ids)
+        step = lambda: hasher.hash_compressed(compressed[:, -1:], compressed[:, -3:-1])  # noqa: E731
+        hashing[f"decode_step_us_ctx{context_len}"] = 1e6 * _median_time(step, reps=max(50, args.reps * 50), warmup=10)
+    long_ids = torch.randint(0, len(tokenizer), (1, args.hash_len))
+    compressed = hasher.compress(long_ids)
+    torch_s = _median_time(lambda: hasher.hash_compressed(compressed), args.reps)
+    mults = [layer_multipliers(l, cfg.engram_max_ngram_size, cfg.engram_compressed_vocab_size, cfg.engram_seed)
+             for l in cfg.engram_layer_ids]
+    np_ids = compressed.numpy()
+    numpy_s = _median_time(
+        lambda: numpy_reference_hash(np_ids, mults, hasher.moduli.tolist(), cfg.engram_max_ngram_size,
+                                     cfg.engram_n_head_per_ngram, hasher.compressed_pad_id), args.reps)
+    hashing["prefill_tokens"] = args.hash_len
+    hashing["prefill_tok_s_torch"] = args.hash_len / torch_s
+    hashing["prefill_tok_s_numpy_reference"] = args.hash_len / numpy_s
+    hashing["prefill_speedup"] = numpy_s / torch_s
+    results["hashing"] = hashing
+
+    # 4. peak RSS of loading the base and building the Engram model, each in a fresh process
+    results["memory"] = {"bench_process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if source != "tiny":
+        model_id, load = source
+        loader = (f"import torch; from transformers import AutoModelForCausalLM as A; "
+                  f"A.from_pretrained({model_id!r}, dtype=torch.float32, **{load!r})")
+        results["memory"]["load_base_peak_rss_gib"] = _peak_rss_of(loader)
+        results["memory"]["load_and_graft_peak_rss_gib"] = _peak_rss_of(
+            f"{loader.replace('A.from_pretrained', 'b = A.from_pretrained')}\n"
+            f"from transformers import AutoTokenizer; from engram_hf.bench import engram_twin\n"
+            f"engram_twin(b, AutoTokenizer.from_pretrained({model_id!r}, **{load!r}))"
+        )
+    return results
+
+
+def _print_table(results: dict) -> None:
+    s = results["speed"]
+    print(f"\nmodel: {results['model']}   machine: {results['machine']['processor']}, "
+          f"{results['machine']['torch_threads']} threads, torch {results['machine']['torch']}")
+    print(f"{'':28}{'base':>12}{'engram':>12}{'ratio':>8}")
+    print(f"{'prefill tokens/s':28}{s['base']['prefill_tok_s']:12.1f}{s['engram']['prefill_tok_s']:12.1f}"
+          f"{s['prefill_ratio']:8.3f}")
+    print(f"{'greedy decode tokens/s':28}{s['base']['decode_tok_s']:12.1f}{s['engram']['decode_tok_s']:12.1f}"
+          f"{s['decode_ratio']:8.3f}")
+    print("\ntable rows per layer -> decode ms/token")
+    for row in results["table_sweep"]:
+        print(f"  2^{row['log2_rows']:<3} ({row['rows_per_layer']:>11,} rows) {row['decode_ms_per_token']:8.3f}")
+    print(f"  ms(smallest) / ms(largest) = {results['table_sweep_ratio']:.3f}")
+    h = results["hashing"]
+    print(f"\nhashing per decode step: {h['decode_step_us_ctx128']:.1f} us (ctx 128), "
+          f"{h['decode_step_us_ctx4096']:.1f} us (ctx 4096)")
+    print(f"prefill hashing: {h['prefill_tok_s_torch']:,.0f} tok/s torch vs "
+          f"{h['prefill_tok_s_numpy_reference']:,.0f} tok/s NumPy reference (x{h['prefill_speedup']:.1f})")
+    print("memory: " + ", ".join(f"{k} = {v:.2f}" for k, v in results["memory"].items()))
+
+
+def _plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    s = results["speed"]
+    labels = ["prefill tok/s", "decode tok/s"]
+    x = np.arange(2)
+    left.bar(x - 0.2, [s["base"]["prefill_tok_s"], s["base"]["decode_tok_s"]], 0.4, label="base")
+    left.bar(x + 0.2, [s["engram"]["prefill_tok_s"], s["engram"]["decode_tok_s"]], 0.4, label="engram")
+    left.set_xticks(x, labels)
+    left.set_yscale("log")
+    left.legend()
+    left.set_title(results["model"][:40])
+    sweep = results["table_sweep"]
+    right.plot([r["log2_rows"] for r in sweep], [r["decode_ms_per_token"] for r in sweep], marker="o")
+    right.set_xlabel("log2(table rows per layer)")
+    right.set_ylabel("decode ms / token")
+    right.set_ylim(bottom=0)
+    right.set_title("O(1) lookup: decode time vs table size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    results = run_bench(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    _print_table(results)
+    chart = _plot(results, out / "bench.png")
+    print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if chart else " (no matplotlib: no chart)"))
+    return 0
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("bench", help="speed and memory of Engram vs its base model")
+    parser.add_argument("--model", help="local folder or Hub id (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--hash-len", type=int, default=8192)
+    parser.add_argument("--table-log2", type=int, nargs="+", default=[16, 20, 24, 26])
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(run=run)
