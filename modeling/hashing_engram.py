@@ -74,6 +74,7 @@ class NgramHasher(torch.nn.Module):
         n_cols = (max_ngram_size - 1) * n_head_per_ngram
         self.register_buffer("moduli", torch.empty(len(self.layer_ids), n_cols, dtype=torch.long), False)
         self.register_buffer("offsets", torch.empty(len(self.layer_ids), n_cols, dtype=torch.long), False)
+        self.register_buffer("column_order", torch.empty(n_cols, dtype=torch.long), False)  # order index per column
         self.reset_constants()
 
     @classmethod
@@ -116,6 +117,7 @@ class NgramHasher(torch.nn.Module):
         self.multipliers = torch.tensor(mults, dtype=torch.long, device=device)
         self.moduli = torch.tensor(moduli, dtype=torch.long, device=device)
         self.offsets = torch.tensor(offsets, dtype=torch.long, device=device)
+        self.column_order = torch.arange(self.max_ngram_size - 1, device=device).repeat_interleave(self.n_head_per_ngram)
 
     def hash_compressed(self, compressed_ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head row ids of already-compressed ids.
@@ -127,20 +129,16 @@ class NgramHasher(torch.nn.Module):
         Returns:
             `[B, T, L, (N-1)*K]` row ids, before per-head offsets; columns ordered by order, then head.
         """
-        batch, seq = compressed_ids.shape
         n = self.max_ngram_size
         if context is None:
-            context = compressed_ids.new_full((batch, n - 1), self.compressed_pad_id)
-        history = torch.cat([context, compressed_ids], dim=1)  # [B, N-1+T]
-        # look-back j at position t is history[:, N-1+t-j]
-        shifted = torch.stack([history[:, n - 1 - j : n - 1 - j + seq] for j in range(n)], dim=-1)  # [B, T, N]
-        products = shifted.unsqueeze(2) * self.multipliers  # [B, T, L, N]
-        mixes, mix = [], products[..., 0]
+            context = compressed_ids.new_full((compressed_ids.shape[0], n - 1), self.compressed_pad_id)
+        windows = torch.cat([context, compressed_ids], dim=1).unfold(1, n, 1)  # [B, T, N]: ids t-N+1 .. t
+        products = windows.unsqueeze(2) * self.multipliers.flip(-1)  # [B, T, L, N]; column N-1-j: look-back j
+        mix, mixes = products[..., n - 1], []
         for j in range(1, n):  # XOR-accumulate look-backs: mix of order j+1
-            mix = mix ^ products[..., j]
+            mix = mix ^ products[..., n - 1 - j]
             mixes.append(mix)
-        mixed = torch.stack(mixes, dim=-1)  # [B, T, L, N-1]
-        mixed = mixed.repeat_interleave(self.n_head_per_ngram, dim=-1)  # [B, T, L, (N-1)*K]
+        mixed = torch.stack(mixes, dim=-1)[..., self.column_order]  # [B, T, L, (N-1)*K]
         return torch.remainder(mixed, self.moduli)
 
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
