@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .modeling.configuration_engram import EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config
 from .modeling.hashing_engram import NgramHasher, layer_multipliers
@@ -85,16 +85,21 @@ def _median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
 def _prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int, reps: int) -> tuple[float, float]:
     """Median prefill tokens/s (uncached forward of the prompt) and greedy decode tokens/s (cached, one token a step)."""
 
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+
     def prefill():
         model(prompt, use_cache=False, logits_to_keep=1)
+        sync()
 
     def decode():
         out = model(prompt, use_cache=True, logits_to_keep=1)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync()
         start = time.perf_counter()
         for _ in range(new_tokens):
             out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
+        sync()
         return time.perf_counter() - start
 
     prefill_s = _median_time(prefill, reps)
@@ -125,7 +130,7 @@ def _peak_rss_of(code: str) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 2**20
 
 
-def _load_base(model_id: str | None, tiny: bool):
+def _load_base(model_id: str | None, tiny: bool, random_weights: bool = False):
     if tiny:
         from .demo import bundled_smollm2_gguf
 
@@ -146,14 +151,21 @@ def _load_base(model_id: str | None, tiny: bool):
     else:
         load, name = {}, model_id
     tokenizer = AutoTokenizer.from_pretrained(model_id, **load)
+    if random_weights:  # same architecture, random weights: speed figures only (e.g. where the weights cannot travel)
+        config = AutoConfig.from_pretrained(model_id, **load)
+        return AutoModelForCausalLM.from_config(config).eval(), tokenizer, f"{name} (random weights)", "tiny"
     base = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, **load).eval()
     return base, tokenizer, name, (model_id, load)
 
 
 def run_bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    base, tokenizer, name, source = _load_base(args.model, args.tiny)
+    base, tokenizer, name, source = _load_base(args.model, args.tiny, args.random_weights)
     engram = engram_twin(base, tokenizer, engram_n_head_per_ngram=8, engram_max_ngram_size=3)
+    device = torch.device(args.device)
+    engram.to(device)  # Engram tables stay in host memory
+    engram_gpu_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    base.to(device)
     cfg = engram.config
     results: dict = {
         "model": name,
@@ -166,6 +178,15 @@ def run_bench(args: argparse.Namespace) -> dict:
         "reps": args.reps,
     }
     prompt = torch.randint(0, len(tokenizer), (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
+    if device.type == "cuda":
+        tables = [engram.get_decoder().layers[i].engram.table.weight for i in cfg.engram_layer_ids]
+        results["gpu"] = {
+            "name": torch.cuda.get_device_name(device),
+            "table_devices": sorted({str(t.device) for t in tables}),
+            "table_gib": sum(t.numel() * t.element_size() for t in tables) / 2**30,
+            "engram_model_gpu_memory_gib": engram_gpu_gib,
+        }
 
     # 1. base vs Engram, interleaved so that machine noise hits both alike
     figures = {"base": [], "engram": []}
@@ -293,6 +314,8 @@ def add_parser(commands) -> None:
     parser = commands.add_parser("bench", help="speed and memory of Engram vs its base model")
     parser.add_argument("--model", help="local folder or Hub id (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
+    parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights")
+    parser.add_argument("--device", default="cpu", help="compute device; Engram tables stay in host memory")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
