@@ -12,6 +12,7 @@ from .modeling.modeling_engram_llama import EngramLlamaForCausalLM, EngramLlamaM
 from .modeling.modeling_engram_qwen2 import EngramQwen2ForCausalLM, EngramQwen2Model
 from .modeling.modeling_engram_qwen3 import EngramQwen3ForCausalLM, EngramQwen3Model
 from .tokenization.tokenization_engram import EngramTokenizer, build_compression_map
+from .conversion.graft import GraftResult, graft
 
 for _config, _model, _causal_lm in (
     (EngramLlamaConfig, EngramLlamaModel, EngramLlamaForCausalLM),
@@ -34,6 +35,8 @@ __all__ = [
     "EngramQwen3ForCausalLM",
     "EngramQwen3Model",
     "EngramTokenizer",
+    "GraftResult",
     "NgramHasher",
     "build_compression_map",
+    "graft",
 ]

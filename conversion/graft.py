@@ -1,0 +1,650 @@
+"""Graft Engram conditional memory onto a pretrained Llama / Qwen2 / Qwen3 checkpoint (spec §4).
+
+The grafted model starts out computing exactly what the base computes: every Engram layer gets the graft init
+(value projection and ShortConv zero), so its update is exactly zero until training moves it.
+
+Output is a complete Hub repository folder: `config.json` (with `auto_map` and the `engram_*` fields),
+`generation_config.json`, sharded safetensors with `model.safetensors.index.json`, the remote-code files, the base
+tokenizer and a `README.md` model card. Base tensors are copied shard by shard (never the whole model in memory, except
+for a GGUF source, which transformers dequantizes as a whole). Engram tables are generated in row chunks; a table
+larger than `max_shard_size` is streamed into a shard of its own (one tensor, like transformers does for any single
+tensor above the shard size), so loading needs no reassembly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm.auto import tqdm
+
+from ..modeling import configuration_engram as _configuration
+from ..modeling.hashing_engram import NgramHasher
+from ..modeling.layer_engram import EngramLayer
+from ..modeling.modeling_engram_llama import EngramLlamaForCausalLM
+from ..modeling.modeling_engram_qwen2 import EngramQwen2ForCausalLM
+from ..modeling.modeling_engram_qwen3 import EngramQwen3ForCausalLM
+from ..tokenization.tokenization_engram import build_compression_map
+
+# base model_type -> (Engram config class, Engram causal-LM class)
+FAMILIES = {
+    "llama": (_configuration.EngramLlamaConfig, EngramLlamaForCausalLM),
+    "qwen2": (_configuration.EngramQwen2Config, EngramQwen2ForCausalLM),
+    "qwen3": (_configuration.EngramQwen3Config, EngramQwen3ForCausalLM),
+}
+MODELING_DIR = Path(_configuration.__file__).resolve().parent
+CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "hub_cards" / "model_card.md"
+PROBE_PROMPT = "The Engram memory hashes the last few tokens of the context into large embedding tables."
+TABLE_CHUNK_ROWS = 1 << 16  # rows generated at once (fixed, so the table values do not depend on the shard size)
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+@dataclass
+class GraftResult:
+    """What `graft` wrote: the output folder and the numbers shown in its model card."""
+
+    output_dir: Path
+    family: str
+    layer_ids: list[int]
+    vocab_size: int
+    compressed_vocab_size: int
+    engram_vocab_size: list[int]
+    table_rows: dict[int, int]
+    base_parameters: int
+    engram_parameters: int
+    table_parameters: int
+    shards: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.compressed_vocab_size / self.vocab_size
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# source resolution
+
+
+@dataclass
+class _Source:
+    folder: Path
+    gguf_file: str | None
+    hub_id: str | None
+    label: str
+
+
+def _resolve_source(base: str | os.PathLike, revision: str | None, cache_dir: str | None) -> _Source:
+    path = Path(base).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"Base model file {path} is not a .gguf file; pass a folder with config.json instead.")
+        return _Source(path.parent.resolve(), path.name, None, path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _Source(path.resolve(), None, None, path.resolve().name)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _Source(path.resolve(), ggufs[0].name, None, ggufs[0].name)
+        raise ValueError(f"Base folder {path} has no config.json (nor a single .gguf file).")
+    if str(base).count("/") == 1 and not str(base).startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(
+                str(base),
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.md", "*.jinja"],
+            )
+        except Exception as error:  # offline without a cached snapshot, unknown repo, ...
+            raise ValueError(f"Could not resolve the Hub model {base!r}: {error}") from error
+        return _Source(Path(folder), None, str(base), str(base))
+    raise FileNotFoundError(f"Base model {base!r} is neither a local folder, a .gguf file, nor a Hub id (org/name).")
+
+
+def _source_shards(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"Corrupt safetensors index {index}: {error}") from error
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"Base folder {folder} holds no safetensors weights (model.safetensors or an index).")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"Safetensors shards listed in {index.name} are missing from {folder}: {missing}")
+    return files
+
+
+def _scan_safetensors(files: list[Path]) -> dict[Path, list[str]]:
+    """Open every shard's header (catching truncated / corrupt files) before anything is written."""
+    from safetensors import safe_open
+
+    keys = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys[file] = list(handle.keys())
+        except Exception as error:
+            raise ValueError(f"Cannot read safetensors file {file}: truncated or corrupt ({error}).") from error
+    return keys
+
+
+def _base_license(source: _Source) -> str | None:
+    readme = source.folder / "README.md"
+    if readme.is_file() and source.gguf_file is None:
+        try:
+            from huggingface_hub import ModelCard
+
+            value = ModelCard.load(readme).data.to_dict().get("license")
+            if value:
+                return value
+        except Exception:
+            pass
+    if source.gguf_file is not None:
+        try:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(source.folder / source.gguf_file))
+            field_ = reader.fields.get("general.license")
+            if field_ is not None:
+                return bytes(field_.parts[field_.data[0]]).decode()
+        except Exception:
+            pass
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# geometry
+
+
+def _parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGBT]?)B?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"Cannot parse size {text!r} (use e.g. 2GB, 500MB or a byte count).")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def _table_base_size(table_rows, compressed_vocab: int, n_layers: int, n_orders: int, n_heads: int, head_dim: int):
+    """`engram_vocab_size` per order from `table_rows`: None (5 x V'), an int (rows of each head), "Nx" (N x V') or a
+    parameter budget for all tables together ("2B", "300M")."""
+    if table_rows is None:
+        base = 5 * compressed_vocab
+    elif isinstance(table_rows, bool):
+        raise ValueError(f"table_rows must be an int or a string, got {table_rows!r}.")
+    elif isinstance(table_rows, (int, float)):
+        base = int(table_rows)
+    else:
+        text = str(table_rows).strip()
+        if match := re.fullmatch(r"(-?[0-9]*\.?[0-9]+)\s*[xX]", text):
+            base = int(float(match.group(1)) * compressed_vocab)
+        elif match := re.fullmatch(r"(-?[0-9]*\.?[0-9]+)\s*([KMGBT]?)", text, flags=re.IGNORECASE):
+            budget = float(match.group(1)) * _UNITS[match.group(2).upper()]
+            if not match.group(2):  # a plain number string: rows per head
+                base = int(budget)
+            else:
+                base = int(budget // (n_layers * n_orders * n_heads * head_dim))
+        else:
+            raise ValueError(f"Cannot parse table_rows {table_rows!r} (int rows, '5x' of V', or a budget like '2B').")
+    if base <= 1:
+        raise ValueError(f"Engram table size must be positive (got {base} rows per head from table_rows={table_rows!r}).")
+    return base
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# writing
+
+
+class _ShardWriter:
+    """Accumulates tensors up to `max_bytes` per shard; `stream_table` writes one big tensor to a shard of its own."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self.total_bytes = 0
+        self.total_params = 0
+
+    def _next_name(self) -> str:
+        return f"shard-{len(self.shards):05d}.tmp.safetensors"
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+        self.total_params += tensor.numel()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        from safetensors.torch import save_file
+
+        name = self._next_name()
+        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
+        self.shards.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def stream_table(self, name: str, rows: int, dim: int, dtype: torch.dtype, chunks) -> None:
+        """Write `[rows, dim]` from an iterator of row chunks into its own safetensors file, chunk by chunk."""
+        self.flush()
+        file_name = self._next_name()
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        nbytes = rows * dim * itemsize
+        header = {"__metadata__": {"format": "pt"},
+                  name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [rows, dim], "data_offsets": [0, nbytes]}}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        written = 0
+        with open(self.folder / file_name, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            for chunk in chunks:
+                data = chunk.to(dtype).contiguous()
+                out.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+                written += data.numel()
+        if written != rows * dim:
+            raise RuntimeError(f"Table {name}: wrote {written} values, expected {rows * dim}.")
+        self.shards.append((file_name, [name]))
+        self.total_bytes += nbytes
+        self.total_params += rows * dim
+
+    def finish(self) -> list[str]:
+        """Rename the shards to `model-0000i-of-0000n.safetensors` and write `model.safetensors.index.json`."""
+        self.flush()
+        n, weight_map, names = len(self.shards), {}, []
+        for i, (tmp, keys) in enumerate(self.shards, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / tmp, self.folder / final)
+            names.append(final)
+            weight_map.update(dict.fromkeys(keys, final))
+        index = {"metadata": {"total_size": self.total_bytes, "total_parameters": self.total_params},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def _init_engram_layer(model_class, config, layer_idx: int) -> EngramLayer:
+    """One Engram layer built alone (table on the meta device), every other part with the model's graft init."""
+    with torch.device("meta"):
+        layer = EngramLayer(config, layer_idx, 1)
+    initializer = model_class.__new__(model_class)  # only `config` is used by `_init_weights`
+    object.__setattr__(initializer, "config", config)
+    for name, module in layer.named_modules():
+        if name == "table":
+            continue
+        module.to_empty(device="cpu", recurse=False)
+
+    def apply(module):  # children before parents, like PreTrainedModel.initialize_weights
+        for child in module.children():
+            if child is not layer.table:
+                apply(child)
+        initializer._init_weights(module)
+
+    apply(layer)
+    return layer
+
+
+def _table_chunks(rows: int, dim: int, std: float, seed: int, layer_idx: int, dtype, progress: tqdm):
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
+    for start in range(0, rows, TABLE_CHUNK_ROWS):
+        count = min(TABLE_CHUNK_ROWS, rows - start)
+        chunk = torch.empty(count, dim, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        progress.update(count)
+        yield chunk.to(dtype)
+
+
+def _render_card(result: GraftResult, source: _Source, config, license_: str | None, base_model: str | None,
+                 dtype: torch.dtype, command: str) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="finetune" if base_model else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license_,
+        tags=["engram", "conditional-memory", "custom_code", result.family, "text-generation"],
+    )
+    template = CARD_TEMPLATE if CARD_TEMPLATE.is_file() else None
+    kwargs = dict(
+        model_name=result.output_dir.name,
+        base_label=base_model or source.label,
+        family=result.family,
+        model_type=config.model_type,
+        layer_ids=result.layer_ids,
+        num_layers=config.num_hidden_layers,
+        max_ngram_size=config.engram_max_ngram_size,
+        n_head_per_ngram=config.engram_n_head_per_ngram,
+        n_embed_per_ngram=config.engram_n_embed_per_ngram,
+        head_dim=config.engram_n_embed_per_ngram // config.engram_n_head_per_ngram,
+        engram_vocab_size=result.engram_vocab_size,
+        table_rows=result.table_rows,
+        use_short_conv=config.engram_use_short_conv,
+        kernel_size=config.engram_kernel_size,
+        seed=config.engram_seed,
+        vocab_size=result.vocab_size,
+        compressed_vocab_size=result.compressed_vocab_size,
+        reduction=f"{result.reduction:.1%}",
+        base_parameters=f"{result.base_parameters:,}",
+        engram_parameters=f"{result.engram_parameters:,}",
+        table_parameters=f"{result.table_parameters:,}",
+        total_parameters=f"{result.base_parameters + result.engram_parameters:,}",
+        dtype=str(dtype).replace("torch.", ""),
+        command=command,
+    )
+    if template is not None:
+        return str(ModelCard.from_template(data, template_path=str(template), **kwargs))
+    body = (f"# {kwargs['model_name']}\n\n{kwargs['base_label']} with DeepSeek Engram conditional memory at layers "
+            f"{result.layer_ids}.\n")
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public entry point
+
+
+def graft(
+    base: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    layer_ids: list[int] | None = None,
+    max_ngram_size: int = 3,
+    n_head_per_ngram: int = 8,
+    n_embed_per_ngram: int | None = 512,
+    embed_per_head: int | None = None,
+    table_rows: int | str | None = None,
+    short_conv: bool = True,
+    kernel_size: int = 4,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "2GB",
+    seed: int = 0,
+    overwrite: bool = False,
+    verify: bool = True,
+    base_model: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> GraftResult:
+    """Graft Engram onto `base` and write a complete Hub repository folder to `output_dir`.
+
+    Args:
+        base: a local folder (config.json + safetensors, sharded or not), a `.gguf` file, or a Hub id resolved with
+            `snapshot_download` (works offline from the cache).
+        output_dir: the folder to create; written under a temporary name next to it and renamed at the end.
+        layer_ids: 0-based decoder layers that get Engram (default: 1 and half depth).
+        max_ngram_size, n_head_per_ngram, n_embed_per_ngram: table geometry (spec §2-§3); `embed_per_head`
+            sets `n_embed_per_ngram = n_head_per_ngram * embed_per_head` instead.
+        table_rows: rows of each head's table: None (5 x V'), an int, `"Nx"` (N x V'), or a parameter budget for all
+            tables together such as `"2B"` or `"300M"`.
+        short_conv: whether the dilated ShortConv is present.
+        dtype: dtype of the output (default: the base's tensors as stored; float32 for a GGUF source).
+        max_shard_size: shard size of the output (a larger table gets a shard of its own).
+        seed: seed of the hash multipliers and the table init.
+        overwrite: replace an existing `output_dir` (otherwise `FileExistsError`).
+        verify: reload the output with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` and check
+            that its logits on a probe prompt equal the base model's exactly.
+        base_model: Hub id written as `base_model` in the card (default: the Hub id of `base`, if it was one).
+        revision, cache_dir: for a Hub id.
+
+    Returns:
+        A `GraftResult` with the output folder, geometry and parameter counts.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    output_dir = Path(output_dir).expanduser().resolve()
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"Output folder {output_dir} already exists (pass overwrite=True / --overwrite).")
+    max_bytes = _parse_size(max_shard_size)
+    if max_bytes <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}.")
+    if isinstance(dtype, str):
+        name = dtype.replace("torch.", "")
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            raise ValueError(f"Unknown dtype {dtype!r}.")
+        dtype = getattr(torch, name)
+
+    # ---- everything that can fail on bad input is checked before anything is written
+    source = _resolve_source(base, revision, cache_dir)
+    gguf_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        base_config = AutoConfig.from_pretrained(source.folder, **gguf_kwargs)
+    except Exception as error:
+        raise ValueError(f"Cannot read the base model's config from {source.label}: {error}") from error
+    family = base_config.model_type
+    if family not in FAMILIES:
+        raise ValueError(
+            f"Unsupported base model family {family!r}; supported: {', '.join(sorted(FAMILIES))}."
+        )
+    config_class, model_class = FAMILIES[family]
+    num_layers = base_config.num_hidden_layers
+    layer_ids = sorted({1 % num_layers, num_layers // 2}) if layer_ids is None else [int(i) for i in layer_ids]
+    bad = [i for i in layer_ids if not 0 <= i < num_layers]
+    if bad or not layer_ids or len(set(layer_ids)) != len(layer_ids):
+        raise ValueError(f"Engram layer ids {layer_ids} must be distinct and within 0..{num_layers - 1} "
+                         f"(the base model has {num_layers} decoder layers).")
+    if embed_per_head is not None:
+        n_embed_per_ngram = n_head_per_ngram * int(embed_per_head)
+    if max_ngram_size < 2 or n_head_per_ngram <= 0 or not n_embed_per_ngram or n_embed_per_ngram <= 0:
+        raise ValueError("max_ngram_size must be >= 2 and n_head_per_ngram, n_embed_per_ngram positive.")
+    if n_embed_per_ngram % n_head_per_ngram:
+        raise ValueError(f"n_embed_per_ngram ({n_embed_per_ngram}) must be divisible by n_head_per_ngram "
+                         f"({n_head_per_ngram}).")
+    head_dim = n_embed_per_ngram // n_head_per_ngram
+    shard_keys = None
+    if source.gguf_file is None:
+        shard_keys = _scan_safetensors(_source_shards(source.folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **gguf_kwargs)
+    except Exception as error:
+        raise ValueError(f"No usable tokenizer found with the base model {source.label}: the compression map is "
+                         f"built from it ({type(error).__name__}: {error}).") from error
+    if tokenizer is None or not hasattr(tokenizer, "batch_decode") or len(tokenizer) < 2 or not tokenizer(
+        PROBE_PROMPT
+    )["input_ids"]:
+        raise ValueError(f"No usable tokenizer found with the base model {source.label} (tokenizer files missing?): "
+                         "the compression map is built from it.")
+    if isinstance(table_rows, int):  # fail before the (slow) compression map
+        _table_base_size(table_rows, 1, 1, 1, 1, 1)
+    compression_map, compressed_vocab = build_compression_map(tokenizer)
+    base_vocab = _table_base_size(table_rows, compressed_vocab, len(layer_ids), max_ngram_size - 1,
+                                  n_head_per_ngram, head_dim)
+
+    base_dict = base_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
+        base_dict.pop(key, None)
+    config = config_class(
+        **base_dict,
+        engram_layer_ids=layer_ids,
+        engram_max_ngram_size=max_ngram_size,
+        engram_n_embed_per_ngram=n_embed_per_ngram,
+        engram_n_head_per_ngram=n_head_per_ngram,
+        engram_vocab_size=[base_vocab] * (max_ngram_size - 1),
+        engram_kernel_size=kernel_size,
+        engram_seed=seed,
+        engram_compressed_vocab_size=compressed_vocab,
+        engram_map_size=len(tokenizer),
+        engram_use_short_conv=short_conv,
+    )
+    module = model_class.__module__.rsplit(".", 1)[-1]
+    config.architectures = [model_class.__name__]
+    config.auto_map = {
+        "AutoConfig": f"configuration_engram.{config_class.__name__}",
+        **{auto: f"{module}.{name}" for auto, name in model_class.engram_auto_classes.items()},
+    }
+    hasher = NgramHasher.from_config(config, compression_map=compression_map)
+    table_rows_per_layer = {i: hasher.rows_per_layer(i) for i in layer_ids}
+
+    # ---- write into a temporary folder next to the output; nothing under the output name until the end
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.tmp-", dir=output_dir.parent))
+    base_model_obj = None
+    try:
+        writer = _ShardWriter(tmp, max_bytes)
+        out_dtype = dtype
+        if source.gguf_file is not None:  # transformers dequantizes GGUF as a whole
+            from transformers import AutoModelForCausalLM
+
+            out_dtype = dtype or torch.float32
+            base_model_obj = AutoModelForCausalLM.from_pretrained(
+                source.folder, config=base_config, dtype=out_dtype, **gguf_kwargs
+            )
+            state = base_model_obj.state_dict()
+            if getattr(base_config, "tie_word_embeddings", False):
+                state.pop("lm_head.weight", None)
+            for name in tqdm(list(state), desc="copy base tensors", disable=not progress):
+                writer.add(name, state[name].to(out_dtype) if state[name].is_floating_point() else state[name])
+            del state
+        else:
+            from safetensors import safe_open
+
+            for file, keys in tqdm(shard_keys.items(), desc="copy base shards", disable=not progress):
+                try:
+                    with safe_open(str(file), framework="pt") as handle:
+                        for key in keys:
+                            tensor = handle.get_tensor(key)
+                            if dtype is not None and tensor.is_floating_point():
+                                tensor = tensor.to(dtype)
+                            out_dtype = out_dtype or (tensor.dtype if tensor.is_floating_point() else None)
+                            writer.add(key, tensor)
+                except Exception as error:
+                    raise ValueError(f"Cannot read safetensors file {file}: truncated or corrupt ({error}).") from error
+            out_dtype = out_dtype or torch.float32
+        base_params = writer.total_params
+        config.dtype = out_dtype
+
+        # Engram parameters: the layer modules built alone with their graft init; tables generated in row chunks
+        std = getattr(config, "initializer_range", 0.02) or 0.02
+        engram_params = table_params = 0
+        writer.add("model.engram_hasher.compression_map", hasher.compression_map)
+        for layer_idx in layer_ids:
+            layer = _init_engram_layer(model_class, config, layer_idx)
+            prefix = f"model.layers.{layer_idx}.engram."
+            for name, tensor in layer.state_dict().items():
+                if name.startswith("table."):
+                    continue
+                writer.add(prefix + name, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+                engram_params += tensor.numel()
+            rows = table_rows_per_layer[layer_idx]
+            nbytes = rows * layer.head_dim * torch.empty(0, dtype=out_dtype).element_size()
+            with tqdm(total=rows, desc=f"layer {layer_idx} table", unit="row", unit_scale=True,
+                      disable=not progress) as bar:
+                chunks = _table_chunks(rows, layer.head_dim, std, seed, layer_idx, out_dtype, bar)
+                if nbytes > max_bytes:
+                    writer.stream_table(prefix + "table.weight", rows, layer.head_dim, out_dtype, chunks)
+                else:
+                    writer.add(prefix + "table.weight", torch.cat(list(chunks)))
+            engram_params += rows * layer.head_dim
+            table_params += rows * layer.head_dim
+        shards = writer.finish()
+
+        config.save_pretrained(tmp)
+        try:
+            generation_config = GenerationConfig.from_pretrained(source.folder)
+        except Exception:
+            generation_config = GenerationConfig.from_model_config(base_config)
+        generation_config.save_pretrained(tmp)
+        for file in sorted(MODELING_DIR.glob("*.py")):
+            if file.name != "__init__.py":
+                shutil.copy(file, tmp / file.name)
+        tokenizer.save_pretrained(tmp)
+
+        result = GraftResult(
+            output_dir=output_dir, family=family, layer_ids=layer_ids, vocab_size=len(tokenizer),
+            compressed_vocab_size=compressed_vocab, engram_vocab_size=list(config.engram_vocab_size),
+            table_rows=table_rows_per_layer, base_parameters=base_params, engram_parameters=engram_params,
+            table_parameters=table_params, shards=shards,
+        )
+        command = f"engram-hf convert {source.hub_id or source.label} {output_dir.name}" + "".join(
+            [f" --layers {','.join(map(str, layer_ids))}", f" --max-ngram-size {max_ngram_size}",
+             f" --heads {n_head_per_ngram}", f" --embed-per-ngram {n_embed_per_ngram}",
+             f" --table-rows {table_rows}" if table_rows is not None else "", "" if short_conv else " --no-short-conv",
+             f" --seed {seed}"])
+        card = _render_card(result, source, config, _base_license(source), base_model or source.hub_id, out_dtype,
+                            command)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+
+        if verify:
+            result.max_abs_diff = _verify(tmp, source, gguf_kwargs, out_dtype, tokenizer, base_model_obj)
+
+        if output_dir.exists():  # overwrite: swap the old folder out only once the new one is complete
+            old = output_dir.parent / f"{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+        return result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def remote_code_only():
+    """Hide engram_hf's in-process Auto registrations, so that `trust_remote_code=True` loads a checkpoint's own
+    remote-code files (transformers prefers explicitly registered local classes), as a user without the package would."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    local = {config_class.model_type: config_class for config_class, _ in FAMILIES.values()}
+    saved_configs = {k: CONFIG_MAPPING._extra_content.pop(k) for k in list(CONFIG_MAPPING._extra_content) if k in local}
+    saved_models = []
+    for auto in (AutoModel, AutoModelForCausalLM):
+        mapping = auto._model_mapping
+        saved_models.append(
+            (mapping, {k: mapping._extra_content.pop(k) for k in list(mapping._extra_content) if k in local.values()})
+        )
+    try:
+        yield
+    finally:
+        CONFIG_MAPPING._extra_content.update(saved_configs)
+        for mapping, saved in saved_models:
+            mapping._extra_content.update(saved)
+
+
+def _verify(folder: Path, source: _Source, gguf_kwargs: dict, dtype, tokenizer, base_model=None) -> float:
+    """Reload the graft through remote code and compare its probe-prompt logits with the base model's."""
+    from transformers import AutoModelForCausalLM
+
+    if base_model is None:
+        base_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, **gguf_kwargs)
+    with remote_code_only():
+        grafted = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+    if not type(grafted).__module__.startswith("transformers_modules"):
+        raise RuntimeError(f"Verification loaded {type(grafted).__module__}, not the checkpoint's remote code.")
+    ids = torch.tensor([tokenizer(PROBE_PROMPT)["input_ids"]])
+    base_model.eval(), grafted.eval()
+    with torch.no_grad():
+        expected = base_model(ids).logits
+        got = grafted(ids).logits
+    diff = float((expected.float() - got.float()).abs().max())
+    print(f"verify: max |logits(grafted) - logits(base)| = {diff:.3g} on a {ids.shape[1]}-token probe prompt")
+    if diff != 0.0 or not torch.equal(expected, got):
+        raise ValueError(f"Verification failed: the grafted model's logits differ from the base's (max abs diff {diff}).")
+    return diff
