@@ -149,13 +149,44 @@ class EngramPreTrainedMixin:
     def get_engram_hasher(self) -> NgramHasher:
         return self.get_decoder().engram_hasher
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """Swap in the Engram cache layers before `generate` marks the cache for past recording.
+
+        Assisted decoding calls `activate_past_recording` on the cache before the prefill; a plain `DynamicLayer` has no
+        such flag, so a layer swapped in lazily at the first forward would not record its states and `crop` would fail.
+        """
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if isinstance(cache, Cache):
+            recording = getattr(generation_config, "is_assistant", False) or any(
+                getattr(layer, "record_past", False) for layer in cache.layers
+            )
+            self.get_decoder().prepare_engram_cache(cache)
+            if recording:
+                cache.activate_past_recording()
+        return result
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         if isinstance(kwargs.get("device_map"), dict):  # rewritten in place by keep_tables_on_host: not the caller's
             kwargs["device_map"] = dict(kwargs["device_map"])
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).check_engram_map()
-        return loaded
+        want_info = kwargs.get("output_loading_info", False)
+        kwargs["output_loading_info"] = True
+        model, info = super().from_pretrained(*args, **kwargs)
+        # a map missing from the checkpoint (or dropped by `ignore_mismatched_sizes`) is re-initialised to the identity,
+        # which only agrees with a config without compression (V' == map size): anything else would hash silently wrong
+        not_loaded = set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())}
+        cfg = model.config
+        if any(k.endswith("engram_hasher.compression_map") for k in not_loaded) and (
+            cfg.engram_compressed_vocab_size != cfg.engram_map_size
+        ):
+            raise ValueError(
+                "The checkpoint holds no Engram compression map of the configured length "
+                f"(engram_map_size={cfg.engram_map_size}, engram_compressed_vocab_size="
+                f"{cfg.engram_compressed_vocab_size}); the compression map is a property of the checkpoint."
+            )
+        model.check_engram_map()
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Save weights and config, plus `auto_map` and every remote-code file of this folder."""
@@ -184,13 +215,20 @@ class EngramModelMixin:
             self.layers[layer_idx] = self.decoder_layer_class(config, layer_idx, rows)
         self.post_init()  # initialises only the modules added above
 
-    def _engram_context(self, compressed: torch.Tensor, past_key_values: Cache) -> torch.Tensor:
-        """Push `[B, T]` compressed ids into every Engram layer's cache; return the `[B, N-1]` ids before them."""
-        hasher, seq = self.engram_hasher, compressed.shape[1]
+    def prepare_engram_cache(self, past_key_values: Cache) -> None:
+        """Give every Engram layer a cache layer that can hold its states (the id and ShortConv histories)."""
         n_states = 2 if self.config.engram_use_short_conv else 1
         if past_key_values.layer_class_to_replicate is not None:
             while len(past_key_values.layers) <= max(self.config.engram_layer_ids):
                 past_key_values.layers.append(past_key_values.layer_class_to_replicate())
+        for layer_idx in self.config.engram_layer_ids:
+            layers = past_key_values.layers
+            layers[layer_idx] = _engram_cache_layer(layers[layer_idx], n_states)
+
+    def _engram_context(self, compressed: torch.Tensor, past_key_values: Cache) -> torch.Tensor:
+        """Push `[B, T]` compressed ids into every Engram layer's cache; return the `[B, N-1]` ids before them."""
+        hasher, seq = self.engram_hasher, compressed.shape[1]
+        self.prepare_engram_cache(past_key_values)
         first = self.config.engram_layer_ids[0]
         prefill = not isinstance(past_key_values.layers[first], LinearAttentionCacheLayerMixin) or (
             past_key_values.get_conv_state(first, ID_STATE) is None
@@ -198,8 +236,6 @@ class EngramModelMixin:
         if prefill:  # before the start of the sequence: the compressed pad id
             compressed = F.pad(compressed, (hasher.context_size, 0), value=hasher.compressed_pad_id)
         for layer_idx in self.config.engram_layer_ids:
-            layers = past_key_values.layers
-            layers[layer_idx] = _engram_cache_layer(layers[layer_idx], n_states)
             history = past_key_values.update_conv_state(
                 compressed, layer_idx, state_idx=ID_STATE, conv_kernel_size=hasher.context_size
             )
