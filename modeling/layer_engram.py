@@ -114,9 +114,18 @@ class EngramLayer(nn.Module):
             else None
         )
 
-    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        """`[B, T, (N-1)*K]` global row ids -> memory `[B, T, d_mem]` on the table's device."""
-        return self.table(rows.to(self.table.weight.device)).flatten(-2)
+    def lookup(self, rows: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """`[B, T, (N-1)*K]` global row ids -> memory `[B, T, d_mem]` on `device` (default: the table's).
+
+        Only the addressed rows leave a host-memory table: they are gathered into pinned staging memory and copied
+        without blocking, so the copy overlaps with the accelerator's work.
+        """
+        memory = self.table(rows.to(self.table.weight.device)).flatten(-2)
+        if device is None or memory.device == device:
+            return memory
+        if memory.device.type == "cpu" and device.type == "cuda" and not memory.requires_grad:
+            memory = memory.pin_memory()
+        return memory.to(device, non_blocking=True)
 
     def forward(
         self,

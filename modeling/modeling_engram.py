@@ -262,8 +262,9 @@ class EngramModelMixin:
         elif past_key_values is not None and input_ids is not None:
             self._engram_context(hasher.compress(input_ids, attention_mask), past_key_values)
         rows = engram_hash_ids + hasher.offsets  # [B, T, L, (N-1)*K] global rows
+        device = engram_hash_ids.device  # prefetch every layer's rows here, at forward entry
         return {
-            layer_idx: self.layers[layer_idx].engram.lookup(rows[:, :, i])
+            layer_idx: self.layers[layer_idx].engram.lookup(rows[:, :, i], device)
             for i, layer_idx in enumerate(self.config.engram_layer_ids)
         }
 
