@@ -114,7 +114,7 @@ def _resize_tables(model, rows_per_head: int) -> int:
     n_orders = cfg.engram_max_ngram_size - 1
     cfg.engram_vocab_size = [rows_per_head] * n_orders
     old = decoder.engram_hasher
-    decoder.engram_hasher = NgramHasher.from_config(cfg, compression_map=old.compression_map)
+    decoder.engram_hasher = NgramHasher.from_config(cfg, compression_map=old.compression_map).to(old.multipliers.device)
     for layer_id in cfg.engram_layer_ids:
         engram = decoder.layers[layer_id].engram
         rows = decoder.engram_hasher.rows_per_layer(layer_id)
@@ -224,7 +224,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     torch_s = _median_time(lambda: hasher.hash_compressed(compressed), args.reps)
     mults = [layer_multipliers(l, cfg.engram_max_ngram_size, cfg.engram_compressed_vocab_size, cfg.engram_seed)
              for l in cfg.engram_layer_ids]
-    np_ids = compressed.numpy()
+    np_ids = compressed.cpu().numpy()
     numpy_s = _median_time(
         lambda: numpy_reference_hash(np_ids, mults, hasher.moduli.tolist(), cfg.engram_max_ngram_size,
                                      cfg.engram_n_head_per_ngram, hasher.compressed_pad_id), args.reps)
