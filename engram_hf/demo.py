@@ -1,4 +1,9 @@
-"""`engram-hf demo`: compress a real tokenizer's vocabulary and hash a sentence with the default Engram geometry."""
+"""`engram-hf demo`: the main job on the embedded SmolLM2-135M-Instruct.
+
+Compress its vocabulary and hash a sentence, graft Engram onto it, reload the result through
+`AutoModelForCausalLM(..., trust_remote_code=True)`, generate with `pipeline("text-generation")` and print the logit
+parity with the base model.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from .modeling.hashing_engram import NgramHasher
 from .tokenization.tokenization_engram import EngramTokenizer
@@ -44,10 +49,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"layer {layer_id} hash ids [T={rows.shape[1]}, (N-1)*K={rows.shape[2]}]:")
         for token, row in zip(tokenizer.convert_ids_to_tokens(ids[0].tolist()), rows[0].tolist()):
             print(f"  {token!r:>14} {row}")
+    if args.no_graft:
+        return 0
+
+    from .conversion.graft import graft, remote_code_only
+
+    print(f"\ngrafting Engram onto SmolLM2 -> {args.out}")
+    result = graft(gguf, args.out, overwrite=True, progress=not args.quiet)
+    print(f"Engram layers {result.layer_ids}, {result.table_parameters:,} table parameters, "
+          f"verify max |logit diff| vs base = {result.max_abs_diff}")
+    with remote_code_only():  # load as a user without engram-hf installed would
+        model = AutoModelForCausalLM.from_pretrained(args.out, trust_remote_code=True)
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=model.dtype)
+    probe = tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        diff = (model(**probe).logits - base(**probe).logits).abs().max().item()
+    print(f"reloaded {type(model).__module__}.{type(model).__name__}: max |logit diff| vs LlamaForCausalLM = {diff}")
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer.tokenizer)
+    messages = [{"role": "user", "content": args.prompt}]
+    text = generator(messages, max_new_tokens=args.max_new_tokens, do_sample=False)[0]["generated_text"][-1]["content"]
+    print(f"prompt: {args.prompt!r}\ngenerated: {text!r}")
     return 0
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("demo", help="compress the bundled SmolLM2 tokenizer and hash a sentence")
+    parser = commands.add_parser("demo", help="compress, hash, graft, reload and generate on the bundled SmolLM2")
     parser.add_argument("text", nargs="?", default="The Engram memory hashes the last few tokens.")
+    parser.add_argument("--out", default="out/smollm2-engram", help="where the grafted model is written")
+    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--no-graft", action="store_true", help="stop after compression and hashing")
+    parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(run=run)
