@@ -19,18 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from .modeling.configuration_engram import EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config
+from .conversion.graft import FAMILIES
 from .modeling.hashing_engram import NgramHasher, layer_multipliers
-from .modeling.modeling_engram_llama import EngramLlamaForCausalLM
-from .modeling.modeling_engram_qwen2 import EngramQwen2ForCausalLM
-from .modeling.modeling_engram_qwen3 import EngramQwen3ForCausalLM
 from .tokenization.tokenization_engram import build_compression_map
 
-FAMILIES = {
-    "llama": (EngramLlamaConfig, EngramLlamaForCausalLM),
-    "qwen2": (EngramQwen2Config, EngramQwen2ForCausalLM),
-    "qwen3": (EngramQwen3Config, EngramQwen3ForCausalLM),
-}
 _DROP_KEYS = {"model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
 
 
