@@ -6,9 +6,9 @@ The grafted model starts out computing exactly what the base computes: every Eng
 Output is a complete Hub repository folder: `config.json` (with `auto_map` and the `engram_*` fields),
 `generation_config.json`, sharded safetensors with `model.safetensors.index.json`, the remote-code files, the base
 tokenizer and a `README.md` model card. Base tensors are copied shard by shard (never the whole model in memory, except
-for a GGUF source, which transformers dequantizes as a whole). Engram tables are generated in row chunks; a table
-larger than `max_shard_size` is streamed into a shard of its own (one tensor, like transformers does for any single
-tensor above the shard size), so loading needs no reassembly.
+for a GGUF source, which transformers dequantizes as a whole). Engram tables are generated in row chunks and streamed
+to disk; a table larger than `max_shard_size` is stored as row slices `...engram.table.weight.part.<i>`, one per shard,
+which `from_pretrained` reassembles into `...engram.table.weight` (`EngramTablePartsConverter`, in the remote code).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import shutil
 import struct
 import tempfile
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -217,62 +216,105 @@ def _table_base_size(table_rows, compressed_vocab: int, n_layers: int, n_orders:
 # writing
 
 
+def _header_entry_size(name: str, dtype: torch.dtype, shape) -> int:
+    """Upper bound of the bytes a tensor's entry takes in a safetensors header (data offsets of up to 20 digits)."""
+    entry = {name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [2**64 - 1] * 2}}
+    return len(json.dumps(entry, separators=(",", ":")))  # its braces pay for the separating comma
+
+
+def _data_size(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+# length prefix, metadata and padding of every safetensors file
+_FILE_OVERHEAD = 8 + len(json.dumps({"__metadata__": {"format": "pt"}}, separators=(",", ":"))) + 7
+
+
+class _RowStream:
+    """The rows of a stream of row chunks, handed out as consecutive runs of any length (views of the chunks)."""
+
+    def __init__(self, chunks):
+        self.chunks, self.rest = iter(chunks), None
+
+    def take(self, count: int):
+        while count > 0:
+            if self.rest is None or not len(self.rest):
+                self.rest = next(self.chunks, None)
+                if self.rest is None:
+                    raise RuntimeError("The table's row chunks ended early.")
+            block, self.rest = self.rest[:count], self.rest[count:]
+            count -= len(block)
+            yield block
+
+
 class _ShardWriter:
-    """Accumulates tensors up to `max_bytes` per shard; `stream_table` writes one big tensor to a shard of its own."""
+    """Writes safetensors shards of at most `max_bytes` each, header included, streaming tensor data to disk.
+
+    `add` queues a tensor for the current shard (one larger than a shard gets a shard of its own, as in transformers).
+    `add_table` streams a table from its row chunks into shards of its own: whole where it fits in one, else as row
+    slices `<name>.part.<i>`, one per shard, which `from_pretrained` reassembles (`EngramTablePartsConverter`).
+    """
 
     def __init__(self, folder: Path, max_bytes: int):
         self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.pending: list[tuple[str, torch.Tensor]] = []
+        self.pending_bytes = _FILE_OVERHEAD
         self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
         self.total_bytes = 0
         self.total_params = 0
 
-    def _next_name(self) -> str:
-        return f"shard-{len(self.shards):05d}.tmp.safetensors"
-
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        size = _header_entry_size(name, tensor.dtype, tensor.shape) + _data_size(tensor.dtype, tensor.shape)
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
-        self.pending[name] = tensor.contiguous()
+        self.pending.append((name, tensor))
         self.pending_bytes += size
-        self.total_bytes += size
+        self.total_bytes += _data_size(tensor.dtype, tensor.shape)
         self.total_params += tensor.numel()
 
     def flush(self) -> None:
-        if not self.pending:
-            return
-        from safetensors.torch import save_file
+        if self.pending:
+            self._write([(name, t.dtype, tuple(t.shape)) for name, t in self.pending], [t for _, t in self.pending])
+            self.pending, self.pending_bytes = [], _FILE_OVERHEAD
 
-        name = self._next_name()
-        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
-        self.shards.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def stream_table(self, name: str, rows: int, dim: int, dtype: torch.dtype, chunks) -> None:
-        """Write `[rows, dim]` from an iterator of row chunks into its own safetensors file, chunk by chunk."""
+    def add_table(self, name: str, rows: int, dim: int, dtype: torch.dtype, chunks) -> None:
+        """Write the `[rows, dim]` table `name` from an iterator of row chunks, whole or as row slices."""
         self.flush()
-        file_name = self._next_name()
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        nbytes = rows * dim * itemsize
-        header = {"__metadata__": {"format": "pt"},
-                  name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [rows, dim], "data_offsets": [0, nbytes]}}
+        stream, room = _RowStream(chunks), self.max_bytes - _FILE_OVERHEAD
+        if _header_entry_size(name, dtype, (rows, dim)) + _data_size(dtype, (rows, dim)) <= room:
+            self._write([(name, dtype, (rows, dim))], stream.take(rows))
+        else:
+            header = _header_entry_size(f"{name}.part.{rows}", dtype, (rows, dim))  # bounds every part's entry
+            part_rows = (room - header) // _data_size(dtype, (1, dim))
+            if part_rows < 1:
+                raise ValueError(f"max_shard_size ({self.max_bytes} bytes) cannot hold one row of {name}.")
+            for i, start in enumerate(range(0, rows, part_rows)):
+                count = min(part_rows, rows - start)
+                self._write([(f"{name}.part.{i}", dtype, (count, dim))], stream.take(count))
+        self.total_bytes += _data_size(dtype, (rows, dim))
+        self.total_params += rows * dim
+
+    def _write(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], blocks) -> None:
+        """One shard file: the header of `entries` (name, dtype, shape), then their data from consecutive `blocks`."""
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, dtype, shape in entries:
+            size = _data_size(dtype, shape)
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        written = 0
+        file_name, written = f"shard-{len(self.shards):05d}.tmp.safetensors", 0
         with open(self.folder / file_name, "wb") as out:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
-            for chunk in chunks:
-                data = chunk.to(dtype).contiguous()
-                out.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            for block in blocks:
+                data = block.detach().contiguous().reshape(-1).view(torch.uint8)
+                out.write(data.numpy())
                 written += data.numel()
-        if written != rows * dim:
-            raise RuntimeError(f"Table {name}: wrote {written} values, expected {rows * dim}.")
-        self.shards.append((file_name, [name]))
-        self.total_bytes += nbytes
-        self.total_params += rows * dim
+        if written != offset:
+            raise RuntimeError(f"Shard {file_name}: wrote {written} bytes of data, expected {offset}.")
+        self.shards.append((file_name, [name for name, _, _ in entries]))
 
     def finish(self) -> list[str]:
         """Rename the shards to `model-0000i-of-0000n.safetensors` and write `model.safetensors.index.json`."""
@@ -404,7 +446,8 @@ def graft(
             tables together such as `"2B"` or `"300M"`.
         short_conv: whether the dilated ShortConv is present.
         dtype: dtype of the output (default: the base's tensors as stored; float32 for a GGUF source).
-        max_shard_size: shard size of the output (a larger table gets a shard of its own).
+        max_shard_size: shard size of the output; no shard holding an Engram table exceeds it (a larger table is split
+            into row slices), others only where a single base tensor is larger.
         seed: seed of the hash multipliers and the table init.
         overwrite: replace an existing `output_dir` (otherwise `FileExistsError`).
         verify: reload the output with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` and check
@@ -538,27 +581,25 @@ def graft(
         base_params = writer.total_params
         config.dtype = out_dtype
 
-        # Engram parameters: the layer modules built alone with their graft init; tables generated in row chunks
+        # Engram parameters: the layer modules built alone with their graft init, then the tables, generated in row
+        # chunks and streamed to shards of their own (memory stays flat whatever the table and shard sizes)
         std = getattr(config, "initializer_range", 0.02) or 0.02
         engram_params = table_params = 0
         writer.add("model.engram_hasher.compression_map", hasher.compression_map)
-        for layer_idx in layer_ids:
-            layer = _init_engram_layer(model_class, config, layer_idx)
-            prefix = f"model.layers.{layer_idx}.engram."
+        layers = {layer_idx: _init_engram_layer(model_class, config, layer_idx) for layer_idx in layer_ids}
+        for layer_idx, layer in layers.items():
             for name, tensor in layer.state_dict().items():
-                if name.startswith("table."):
-                    continue
-                writer.add(prefix + name, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
-                engram_params += tensor.numel()
+                if not name.startswith("table."):
+                    writer.add(f"model.layers.{layer_idx}.engram.{name}",
+                               tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+                    engram_params += tensor.numel()
+        for layer_idx, layer in layers.items():
             rows = table_rows_per_layer[layer_idx]
-            nbytes = rows * layer.head_dim * torch.empty(0, dtype=out_dtype).element_size()
             with tqdm(total=rows, desc=f"layer {layer_idx} table", unit="row", unit_scale=True,
                       disable=not progress) as bar:
                 chunks = _table_chunks(rows, layer.head_dim, std, seed, layer_idx, out_dtype, bar)
-                if nbytes > max_bytes:
-                    writer.stream_table(prefix + "table.weight", rows, layer.head_dim, out_dtype, chunks)
-                else:
-                    writer.add(prefix + "table.weight", torch.cat(list(chunks)))
+                writer.add_table(f"model.layers.{layer_idx}.engram.table.weight", rows, layer.head_dim, out_dtype,
+                                 chunks)
             engram_params += rows * layer.head_dim
             table_params += rows * layer.head_dim
         shards = writer.finish()
@@ -605,39 +646,27 @@ def graft(
         raise
 
 
-@contextmanager
-def remote_code_only():
-    """Hide engram_hf's in-process Auto registrations, so that `trust_remote_code=True` loads a checkpoint's own
-    remote-code files (transformers prefers explicitly registered local classes), as a user without the package would."""
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+def load_remote_code(folder: str | os.PathLike, auto_class: str = "AutoModelForCausalLM", **kwargs):
+    """Load a converted folder with its own remote-code files (its `auto_map[auto_class]` class), as a user without
+    engram_hf would; `AutoModel*.from_pretrained` would prefer engram_hf's in-process registrations instead."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    local = {config_class.model_type: config_class for config_class, _ in FAMILIES.values()}
-    saved_configs = {k: CONFIG_MAPPING._extra_content.pop(k) for k in list(CONFIG_MAPPING._extra_content) if k in local}
-    saved_models = []
-    for auto in (AutoModel, AutoModelForCausalLM):
-        mapping = auto._model_mapping
-        saved_models.append(
-            (mapping, {k: mapping._extra_content.pop(k) for k in list(mapping._extra_content) if k in local.values()})
-        )
-    try:
-        yield
-    finally:
-        CONFIG_MAPPING._extra_content.update(saved_configs)
-        for mapping, saved in saved_models:
-            mapping._extra_content.update(saved)
+    auto_map = json.loads((Path(folder) / "config.json").read_text())["auto_map"]
+    return get_class_from_dynamic_module(auto_map[auto_class], folder).from_pretrained(folder, **kwargs)
 
 
 def _verify(folder: Path, source: _Source, gguf_kwargs: dict, dtype, tokenizer, base_model=None) -> float:
-    """Reload the graft through remote code and compare its probe-prompt logits with the base model's."""
+    """Reload the graft through its remote code and compare its probe-prompt logits with the base model's."""
     from transformers import AutoModelForCausalLM
 
     if base_model is None:
         base_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, **gguf_kwargs)
-    with remote_code_only():
-        grafted = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+    grafted, info = load_remote_code(folder, dtype=dtype, output_loading_info=True)
     if not type(grafted).__module__.startswith("transformers_modules"):
         raise RuntimeError(f"Verification loaded {type(grafted).__module__}, not the checkpoint's remote code.")
+    problems = {kind: sorted(map(str, keys)) for kind, keys in info.items() if keys}
+    if problems:  # e.g. a table left at its random init would pass the logit check (its value path is zero)
+        raise ValueError(f"Verification failed: the output does not load cleanly: {problems}")
     ids = torch.tensor([tokenizer(PROBE_PROMPT)["input_ids"]])
     base_model.eval(), grafted.eval()
     with torch.no_grad():

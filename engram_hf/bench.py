@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from .conversion.graft import FAMILIES
 from .modeling.hashing_engram import NgramHasher, layer_multipliers
@@ -62,13 +63,17 @@ def numpy_reference_hash(compressed: np.ndarray, multipliers: list[list[int]], m
     return out
 
 
-def _median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+def _median_time(
+    fn: Callable[[], object], reps: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
+) -> float:
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -116,10 +121,14 @@ def _resize_tables(model, rows_per_head: int) -> int:
 
 
 def _peak_rss_of(code: str) -> float:
-    """Peak RSS (GiB) of a fresh Python process running `code`."""
-    script = f"{code}\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    """Peak RSS (GiB) of a fresh Python process running `code`.
+
+    Read from the child's own `VmHWM` (Linux): its `ru_maxrss` would not do, since Linux carries the RSS high-water
+    mark across `exec` from the process that forked it, so every child would report at least this process's peak.
+    """
+    script = f"{code}\nprint(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1])"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20  # kB -> GiB
 
 
 def _load_base(model_id: str | None, tiny: bool, random_weights: bool = False):
@@ -140,6 +149,9 @@ def _load_base(model_id: str | None, tiny: bool, random_weights: bool = False):
         gguf = bundled_smollm2_gguf()
         load = dict(gguf_file=gguf.name)
         model_id, name = str(gguf.parent), "SmolLM2-135M-Instruct (GGUF, dequantised to float32)"
+    elif model_id.endswith(".gguf"):
+        gguf = Path(model_id)
+        load, model_id, name = dict(gguf_file=gguf.name), str(gguf.parent), gguf.name
     else:
         load, name = {}, model_id
     tokenizer = AutoTokenizer.from_pretrained(model_id, **load)
@@ -147,6 +159,8 @@ def _load_base(model_id: str | None, tiny: bool, random_weights: bool = False):
         config = AutoConfig.from_pretrained(model_id, **load)
         return AutoModelForCausalLM.from_config(config).eval(), tokenizer, f"{name} (random weights)", "tiny"
     base = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, **load).eval()
+    if base.hf_quantizer is not None:  # GGUF weights are dequantised at load: make it a plain (trainable) float model
+        base.hf_quantizer.remove_quantization_config(base)
     return base, tokenizer, name, (model_id, load)
 
 
@@ -204,16 +218,21 @@ def run_bench(args: argparse.Namespace) -> dict:
     results["table_sweep_ratio"] = sweep[0]["decode_ms_per_token"] / sweep[-1]["decode_ms_per_token"]
 
     # 3. hashing: per decode step at two context lengths, and prefill throughput against NumPy
-    hasher = engram.get_engram_hasher()
+    # (a decode step: the model's own path from one new raw id and the cached N-1 compressed ids to the row ids)
+    decoder, hasher = engram.get_decoder(), engram.get_engram_hasher()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     hashing = {}
     for context_len in (128, 4096):
-        ids = torch.randint(0, len(tokenizer), (1, context_len))
-        compressed = hasher.compress(ids)
-        step = lambda: hasher.hash_compressed(compressed[:, -1:], compressed[:, -3:-1])  # noqa: E731
-        hashing[f"decode_step_us_ctx{context_len}"] = 1e6 * _median_time(step, reps=max(50, args.reps * 50), warmup=10)
-    long_ids = torch.randint(0, len(tokenizer), (1, args.hash_len))
+        ids = torch.randint(0, len(tokenizer), (1, context_len + 1), device=device)
+        cache = DynamicCache(config=cfg)
+        decoder.engram_hash(ids[:, :-1], None, cache)  # the context enters the cache, as in a prefill
+        step = partial(decoder.engram_hash, ids[:, -1:], None, cache)
+        hashing[f"decode_step_us_ctx{context_len}"] = 1e6 * _median_time(
+            step, reps=max(50, args.reps * 50), warmup=10, sync=sync
+        )
+    long_ids = torch.randint(0, len(tokenizer), (1, args.hash_len), device=device)
     compressed = hasher.compress(long_ids)
-    torch_s = _median_time(lambda: hasher.hash_compressed(compressed), args.reps)
+    torch_s = _median_time(partial(hasher.hash_compressed, compressed), args.reps, sync=sync)
     mults = [layer_multipliers(l, cfg.engram_max_ngram_size, cfg.engram_compressed_vocab_size, cfg.engram_seed)
              for l in cfg.engram_layer_ids]
     np_ids = compressed.cpu().numpy()
@@ -304,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("bench", help="speed and memory of Engram vs its base model")
-    parser.add_argument("--model", help="local folder or Hub id (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="local folder, .gguf file or Hub id (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
     parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights")
     parser.add_argument("--device", default="cpu", help="compute device; Engram tables stay in host memory")

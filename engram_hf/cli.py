@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert_cli, demo
+from . import bench, bench_convert, convert_cli, demo, knowledge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(commands)
     bench.add_parser(commands)
+    bench_convert.add_parser(commands)
     convert_cli.add_parsers(commands)
+    knowledge.add_parser(commands)
     return parser
 
 

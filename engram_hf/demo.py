@@ -1,8 +1,8 @@
 """`engram-hf demo`: the main job on the embedded SmolLM2-135M-Instruct.
 
-Compress its vocabulary and hash a sentence, graft Engram onto it, reload the result through
-`AutoModelForCausalLM(..., trust_remote_code=True)`, generate with `pipeline("text-generation")` and print the logit
-parity with the base model.
+Compress its vocabulary and hash a sentence, graft Engram onto it, reload the result through its own remote code (as
+`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` does without engram-hf), generate with
+`pipeline("text-generation")` and print the logit parity with the base model.
 """
 
 from __future__ import annotations
@@ -52,14 +52,13 @@ def run(args: argparse.Namespace) -> int:
     if args.no_graft:
         return 0
 
-    from .conversion.graft import graft, remote_code_only
+    from .conversion.graft import graft, load_remote_code
 
     print(f"\ngrafting Engram onto SmolLM2 -> {args.out}")
     result = graft(gguf, args.out, overwrite=True, progress=not args.quiet)
     print(f"Engram layers {result.layer_ids}, {result.table_parameters:,} table parameters, "
           f"verify max |logit diff| vs base = {result.max_abs_diff}")
-    with remote_code_only():  # load as a user without engram-hf installed would
-        model = AutoModelForCausalLM.from_pretrained(args.out, trust_remote_code=True)
+    model = load_remote_code(args.out)  # the folder's own code, as a user without engram-hf installed would load it
     base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=model.dtype)
     probe = tokenizer(args.prompt, return_tensors="pt")
     with torch.no_grad():

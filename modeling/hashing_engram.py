@@ -74,7 +74,10 @@ class NgramHasher(torch.nn.Module):
         n_cols = (max_ngram_size - 1) * n_head_per_ngram
         self.register_buffer("moduli", torch.empty(len(self.layer_ids), n_cols, dtype=torch.long), False)
         self.register_buffer("offsets", torch.empty(len(self.layer_ids), n_cols, dtype=torch.long), False)
-        self.register_buffer("column_order", torch.empty(n_cols, dtype=torch.long), False)  # order index per column
+        # [N, L, (N-1)*K]: multiplier of window position i (look-back N-1-i) for each column, 0 beyond its order
+        self.register_buffer(
+            "window_multipliers", torch.empty(max_ngram_size, len(self.layer_ids), n_cols, dtype=torch.long), False
+        )
         self.reset_constants()
 
     @classmethod
@@ -101,6 +104,10 @@ class NgramHasher(torch.nn.Module):
         """Number of previous compressed ids a position needs (N - 1)."""
         return self.max_ngram_size - 1
 
+    def pad_context(self, batch_size: int) -> torch.Tensor:
+        """`[B, N-1]` compressed pad ids, the context before a sequence's start (a view: no host sync)."""
+        return self.compression_map[self.pad_token_id].expand(batch_size, self.context_size)
+
     def rows_per_layer(self, layer_id: int) -> int:
         """Total rows of the single table of `layer_id` (sum of its per-head primes)."""
         return sum(sum(heads) for heads in self.primes[layer_id])
@@ -117,7 +124,27 @@ class NgramHasher(torch.nn.Module):
         self.multipliers = torch.tensor(mults, dtype=torch.long, device=device)
         self.moduli = torch.tensor(moduli, dtype=torch.long, device=device)
         self.offsets = torch.tensor(offsets, dtype=torch.long, device=device)
-        self.column_order = torch.arange(self.max_ngram_size - 1, device=device).repeat_interleave(self.n_head_per_ngram)
+        n, k = self.max_ngram_size, self.n_head_per_ngram
+        window = [  # position i of a window holds look-back n-1-i, which only orders > n-1-i use
+            [[m[n - 1 - i] if n - 1 - i < order else 0 for order in range(2, n + 1) for _ in range(k)] for m in mults]
+            for i in range(n)
+        ]
+        self.window_multipliers = torch.tensor(window, dtype=torch.long, device=device)
+
+    def hash_window(self, window: torch.Tensor) -> torch.Tensor:
+        """Per-head row ids `[B, T, L, (N-1)*K]` (before offsets) of the last T of `[B, N-1+T]` compressed ids.
+
+        The first N-1 ids of `window` are the context of the first new position; columns ordered by order, then head.
+        """
+        n = self.max_ngram_size
+        batch, seq = window.shape[0], window.shape[1] - n + 1
+        step = window.stride()
+        windows = window.as_strided((batch, seq, n, 1, 1), (step[0], step[1], step[1], 0, 0))  # ids t-N+1 .. t
+        products = windows * self.window_multipliers  # [B, T, N, L, (N-1)*K]; 0 (XOR identity) beyond each order
+        *earlier, mix = products.unbind(2)  # mix: [B, T, L, (N-1)*K], look-back 0
+        for product in earlier:
+            mix ^= product
+        return torch.remainder(mix, self.moduli)
 
     def hash_compressed(self, compressed_ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head row ids of already-compressed ids.
@@ -129,28 +156,23 @@ class NgramHasher(torch.nn.Module):
         Returns:
             `[B, T, L, (N-1)*K]` row ids, before per-head offsets; columns ordered by order, then head.
         """
-        n = self.max_ngram_size
         if context is None:
-            context = compressed_ids.new_full((compressed_ids.shape[0], n - 1), self.compressed_pad_id)
-        windows = torch.cat([context, compressed_ids], dim=1).unfold(1, n, 1)  # [B, T, N]: ids t-N+1 .. t
-        products = windows.unsqueeze(2) * self.multipliers.flip(-1)  # [B, T, L, N]; column N-1-j: look-back j
-        mix, mixes = products[..., n - 1], []
-        for j in range(1, n):  # XOR-accumulate look-backs: mix of order j+1
-            mix = mix ^ products[..., n - 1 - j]
-            mixes.append(mix)
-        mixed = torch.stack(mixes, dim=-1)[..., self.column_order]  # [B, T, L, (N-1)*K]
-        return torch.remainder(mixed, self.moduli)
+            context = self.pad_context(compressed_ids.shape[0])
+        return self.hash_window(torch.cat([context, compressed_ids], dim=1))
 
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, T]` raw ids -> compressed ids; positions with `attention_mask == 0` become the compressed pad id."""
-        vocab = self.compression_map.shape[0]
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
-            bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
-            raise ValueError(f"Token id {bad} is out of range for the Engram compression map (vocabulary size {vocab}).")
-        compressed = self.compression_map[input_ids]
         if attention_mask is not None:
-            compressed = compressed.masked_fill(attention_mask[:, -input_ids.shape[1] :] == 0, self.compressed_pad_id)
-        return compressed
+            input_ids = input_ids.masked_fill(attention_mask[:, -input_ids.shape[1] :] == 0, self.pad_token_id)
+        vocab = self.compression_map.shape[0]
+        if input_ids.numel():
+            bounds = torch.aminmax(input_ids)  # one reduction; reading it syncs an accelerator once
+            if int(bounds.min) < 0 or int(bounds.max) >= vocab:
+                bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
+                raise ValueError(
+                    f"Token id {bad} is out of range for the Engram compression map (vocabulary size {vocab})."
+                )
+        return self.compression_map.take(input_ids)
 
     def forward(
         self,

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+# Cache state of an Engram layer's ShortConv input history (the first Engram layer also holds the token-id history)
+CONV_STATE = 0
+
 
 class EngramRMSNorm(nn.Module):
     """RMSNorm with an explicit epsilon, computed in float32."""
@@ -17,12 +20,24 @@ class EngramRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        # the float32 constants as 0-d CPU tensors (not buffers: never moved or cast): an op costs less with one than
+        # with a Python number, gives the same float32 result, and takes it as a scalar on any device
+        self._width = torch.tensor(float(hidden_size), dtype=torch.float32, device="cpu")
+        self._eps = torch.tensor(eps, dtype=torch.float32, device="cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        variance = (x * x).sum(-1, keepdim=True) / self._width  # == x.pow(2).mean(-1), without mean's extra ops
+        x = x * torch.rsqrt(variance + self._eps)
         return self.weight * x.to(dtype)
+
+
+def per_branch(modules: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Applies `modules[m]` to hyper-connection branch m of `x` `[B, T, M, ...]` (one call when M is 1)."""
+    if len(modules) == 1:
+        return modules[0](x)
+    return torch.stack([module(x[:, :, m]) for m, module in enumerate(modules)], dim=2)
 
 
 class EngramShortConv(nn.Module):
@@ -45,18 +60,17 @@ class EngramShortConv(nn.Module):
     ) -> torch.Tensor:
         """values `[B, T, M, d]` -> `[B, T, M, d]`; positions with `padding_mask == 0` feed zeros to the conv."""
         batch, seq, hc, dim = values.shape
-        normed = torch.cat([norm(values[:, :, m]) for m, norm in enumerate(self.norms)], dim=-1)  # [B, T, M*d]
+        normed = per_branch(self.norms, values).flatten(2)  # [B, T, M*d]
         if padding_mask is not None:
             normed = normed * padding_mask[:, -seq:, None].to(normed.dtype)
         x = normed.transpose(1, 2)  # [B, M*d, T]
-        if past_key_values is not None and past_key_values.get_conv_state(layer_idx, state_idx=1) is None:
-            x = F.pad(x, (self.history, 0))  # prefill: zeros before the start, kept as the first history
+        if past_key_values is None or past_key_values.get_conv_state(layer_idx, CONV_STATE) is None:
+            x = F.pad(x, (self.history, 0))  # zeros before the start (with a cache: kept as the first history)
         if past_key_values is not None:
-            x = past_key_values.update_conv_state(x, layer_idx, state_idx=1, conv_kernel_size=self.history)
-        else:
-            x = F.pad(x, (self.history, 0))
-        x = x[..., -(self.history + seq) :]  # [B, M*d, history + T]
-        y = F.silu(self.conv(x))  # [B, M*d, T]
+            x = past_key_values.update_conv_state(x, layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.history)
+        # depthwise dilated conv as one multiply-add over the taps (nn.Conv1d's oneDNN path costs far more per step)
+        taps = x[..., -(self.history + seq) :].unfold(-1, self.history + 1, 1)[..., :: self.conv.dilation[0]]
+        y = F.silu((taps * self.conv.weight).sum(-1))  # taps [B, M*d, T, k] * weight [M*d, 1, k] -> [B, M*d, T]
         return y.transpose(1, 2).reshape(batch, seq, hc, dim)
 
 
@@ -136,15 +150,12 @@ class EngramLayer(nn.Module):
     ) -> torch.Tensor:
         """hidden_states `[B, T, M, d]`, memory `[B, T, d_mem]` -> `[B, T, M, d]`."""
         memory = memory.to(device=hidden_states.device, dtype=self.value_proj.weight.dtype)
-        gates = []
-        for m in range(self.hc_mult):
-            key = self.norm_key[m](self.key_proj[m](memory))  # [B, T, d]
-            query = self.norm_query[m](hidden_states[:, :, m])  # [B, T, d]
-            score = (key * query).sum(-1, keepdim=True) / math.sqrt(self.hidden_size)  # [B, T, 1]
-            score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
-            gates.append(torch.sigmoid(score))
-        value = self.value_proj(memory)  # [B, T, d]
-        gated = torch.stack(gates, dim=2) * value.unsqueeze(2)  # [B, T, M, d]
+        memory_branches = memory.unsqueeze(2).expand(-1, -1, self.hc_mult, -1)  # [B, T, M, d_mem], a view
+        key = per_branch(self.norm_key, per_branch(self.key_proj, memory_branches))  # [B, T, M, d]
+        query = per_branch(self.norm_query, hidden_states)  # [B, T, M, d]
+        score = (key * query).sum(-1, keepdim=True) / math.sqrt(self.hidden_size)  # [B, T, M, 1]
+        gate = torch.sigmoid(score.sign() * score.abs().clamp_min(1e-6).sqrt())
+        gated = gate * self.value_proj(memory).unsqueeze(2)  # [B, T, M, d]
         if self.short_conv is None:
             return gated.to(hidden_states.dtype)
         out = gated + self.short_conv(gated, padding_mask, past_key_values, self.layer_idx)

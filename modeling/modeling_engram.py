@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import shutil
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import (
@@ -18,12 +18,13 @@ from transformers.cache_utils import (
     LinearAttentionAndSlidingWindowAttentionLayer,
     LinearAttentionCacheLayerMixin,
 )
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
+from transformers.integrations.accelerate import _get_device_map
 
+from .configuration_engram import EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config
 from .hashing_engram import NgramHasher
-from .layer_engram import EngramLayer, EngramTable
-
-# Cache states of an Engram-carrying layer: the N-1 previous compressed ids, then the ShortConv input history.
-ID_STATE, CONV_STATE = 0, 1
+from .layer_engram import CONV_STATE, EngramLayer, EngramTable
 
 
 def _engram_cache_layer(layer, number_of_states: int):
@@ -69,6 +70,93 @@ def keep_tables_on_host(model: nn.Module, device_map: dict) -> dict:
     return device_map
 
 
+# `device_map` strategy and `max_memory` of the `from_pretrained` call in progress, planned again without the tables
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_device_map_request: ContextVar[tuple[str, dict | None] | None] = ContextVar("engram_device_map_request", default=None)
+
+
+def plan_device_map(model: nn.Module, strategy: str, max_memory: dict | None = None, hf_quantizer=None) -> dict:
+    """transformers' `device_map="auto"` (or `"balanced"`, ...) plan for `model`, with the tables left out.
+
+    Engram tables stay in host memory (spec §6), so their bytes count against no device budget: the planner sees empty
+    stand-ins, and the tables get no entry (see `keep_tables_on_host`). Engram decoder layers are kept whole on one
+    device, like the family's own decoder layers.
+    """
+    tables = [module for module in model.modules() if isinstance(module, EngramTable) and module.keep_on_host]
+    weights = [table.weight for table in tables]
+    model._no_split_modules = {*(model._no_split_modules or ()), *(
+        type(module).__name__ for module in model.modules() if isinstance(module, EngramDecoderLayerMixin)
+    )}
+    try:
+        for table in tables:
+            stand_in = table.weight.new_empty(0, table.embedding_dim, device="meta")
+            table.weight = nn.Parameter(stand_in, requires_grad=False)
+        device_map = _get_device_map(model, strategy, max_memory, hf_quantizer)
+    finally:
+        for table, weight in zip(tables, weights):
+            table.weight = weight
+    return keep_tables_on_host(model, dict(device_map))
+
+
+# A table larger than a shard is stored as row slices `...engram.table.weight.part.<i>` (see the converter).
+TABLE_PART_PATTERN = r"engram\.table\.weight\.part\.\d+$"
+TABLE_KEY = "engram.table.weight"
+
+
+class ConcatenateRows(ConversionOps):
+    """Row slices -> one tensor, copied slice by slice into a buffer whose pages are committed as they are filled.
+
+    Each slice is dropped once copied, so a table converted at load (to another dtype, say) is never held twice.
+    """
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
+        parts = [part for pattern in source_patterns for part in input_dict.pop(pattern, [])][::-1]
+        table = parts[-1].new_empty((sum(len(part) for part in parts), *parts[-1].shape[1:]))
+        start = 0
+        while parts:
+            part = parts.pop()
+            table[start : start + len(part)].copy_(part)
+            start += len(part)
+        return {target_patterns[0]: table}
+
+
+class EngramTablePartsConverter(WeightConverter):
+    """Loads a table stored as row slices `...engram.table.weight.part.<i>` as the whole `...engram.table.weight`.
+
+    Reassembled on the CPU (tables stay in host memory); saving keeps the table whole (the reverse is the identity).
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        source_patterns: str | list[str] = TABLE_PART_PATTERN,
+        target_patterns: str | list[str] = TABLE_KEY,
+        operations: list[ConversionOps] | None = None,
+        force_cpu: bool = True,
+    ):
+        super().__init__(source_patterns, target_patterns, operations or [ConcatenateRows()], force_cpu=force_cpu)
+
+    def reverse_transform(self) -> WeightRenaming:
+        return WeightRenaming(self._original_target_patterns, self._original_target_patterns)
+
+
+def register_table_parts_conversion(model_type: str) -> None:
+    """Register `EngramTablePartsConverter` for `model_type` with transformers' checkpoint conversion mappings, which
+    `from_pretrained` applies (also to remote code: this runs when the remote module is imported)."""
+    others = [
+        transform
+        for transform in get_checkpoint_conversion_mapping(model_type) or []
+        if type(transform).__name__ != EngramTablePartsConverter.__name__  # this module may be imported more than once
+    ]
+    register_checkpoint_conversion_mapping(model_type, [*others, EngramTablePartsConverter()], overwrite=True)
+
+
+for _config_class in (EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config):
+    register_table_parts_conversion(_config_class.model_type)
+
+
 class EngramDecoderLayerMixin:
     """Adds `self.engram` to a base decoder layer and computes `h = h + Engram(h)` before attention."""
 
@@ -96,13 +184,21 @@ class EngramPreTrainedMixin:
 
     # {"AutoModel": class name, "AutoModelForCausalLM": class name} of the family module
     engram_auto_classes: dict[str, str] = {}
-    # Engram tables stay in host memory (spec §6): kept out of device_map placement and accelerate hooks
+    # Engram tables stay in host memory (spec §6), out of every device_map. transformers reads this attribute: with it,
+    # accelerate's dispatch accepts a device_map that does not cover the tables (see `plan_device_map` for "auto").
     _no_placement_params = ["engram.table.weight"]
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
-        if load_config.device_map is not None:  # same dict object that accelerate dispatch receives afterwards
-            keep_tables_on_host(model, load_config.device_map)
+        device_map = load_config.device_map  # the same dict object that accelerate dispatch receives afterwards
+        request = _device_map_request.get()
+        if device_map is not None and request is not None:  # "auto" & co.: planned again, without the tables
+            _device_map_request.set(None)
+            plan = plan_device_map(model, *request, load_config.hf_quantizer)
+            device_map.clear()
+            device_map.update(plan)
+        elif device_map is not None:
+            keep_tables_on_host(model, device_map)
         return super(EngramPreTrainedMixin, type(model))._load_pretrained_model(
             model, state_dict, checkpoint_files, load_config, *args, **kwargs
         )
@@ -172,7 +268,13 @@ class EngramPreTrainedMixin:
             kwargs["device_map"] = dict(kwargs["device_map"])
         want_info = kwargs.get("output_loading_info", False)
         kwargs["output_loading_info"] = True
-        model, info = super().from_pretrained(*args, **kwargs)
+        strategy = kwargs.get("device_map")
+        request = (strategy, kwargs.get("max_memory")) if strategy in _DEVICE_MAP_STRATEGIES else None
+        token = _device_map_request.set(request)  # read by `_load_pretrained_model`
+        try:
+            model, info = super().from_pretrained(*args, **kwargs)
+        finally:
+            _device_map_request.reset(token)
         # a map missing from the checkpoint (or dropped by `ignore_mismatched_sizes`) is re-initialised to the identity,
         # which only agrees with a config without compression (V' == map size): anything else would hash silently wrong
         not_loaded = set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())}
@@ -213,33 +315,47 @@ class EngramModelMixin:
         for layer_idx in config.engram_layer_ids:
             rows = self.engram_hasher.rows_per_layer(layer_idx)
             self.layers[layer_idx] = self.decoder_layer_class(config, layer_idx, rows)
+        # read on every forward, and a config attribute read is slow: kept as plain attributes (fixed by the layers)
+        self.engram_layer_ids: list[int] = list(config.engram_layer_ids)
+        # cache states per Engram layer: its ShortConv history (`CONV_STATE`); the first also holds the N-1 previous
+        # compressed ids, in state `engram_id_state`, after it
+        conv = int(config.engram_use_short_conv)
+        self.engram_cache_states = {layer_idx: conv for layer_idx in self.engram_layer_ids}
+        self.engram_cache_states[self.engram_layer_ids[0]] += 1
+        self.engram_id_state = conv
         self.post_init()  # initialises only the modules added above
 
     def prepare_engram_cache(self, past_key_values: Cache) -> None:
-        """Give every Engram layer a cache layer that can hold its states (the id and ShortConv histories)."""
-        n_states = 2 if self.config.engram_use_short_conv else 1
+        """Give every Engram layer that keeps a state (the ShortConv history; for the first, also the id history) a
+        cache layer that can hold it."""
+        layers = past_key_values.layers
         if past_key_values.layer_class_to_replicate is not None:
-            while len(past_key_values.layers) <= max(self.config.engram_layer_ids):
-                past_key_values.layers.append(past_key_values.layer_class_to_replicate())
-        for layer_idx in self.config.engram_layer_ids:
-            layers = past_key_values.layers
-            layers[layer_idx] = _engram_cache_layer(layers[layer_idx], n_states)
+            while len(layers) <= max(self.engram_layer_ids):
+                layers.append(past_key_values.layer_class_to_replicate())
+        for layer_idx, n_states in self.engram_cache_states.items():
+            if n_states:
+                layers[layer_idx] = _engram_cache_layer(layers[layer_idx], n_states)
 
-    def _engram_context(self, compressed: torch.Tensor, past_key_values: Cache) -> torch.Tensor:
-        """Push `[B, T]` compressed ids into every Engram layer's cache; return the `[B, N-1]` ids before them."""
-        hasher, seq = self.engram_hasher, compressed.shape[1]
+    def _engram_window(self, compressed: torch.Tensor, past_key_values: Cache) -> torch.Tensor:
+        """Push `[B, T]` compressed ids into the cache; return them after the N-1 ids before them, `[B, N-1+T]`."""
+        hasher, seq, first = self.engram_hasher, compressed.shape[1], self.engram_layer_ids[0]
         self.prepare_engram_cache(past_key_values)
-        first = self.config.engram_layer_ids[0]
-        prefill = not isinstance(past_key_values.layers[first], LinearAttentionCacheLayerMixin) or (
-            past_key_values.get_conv_state(first, ID_STATE) is None
+        if past_key_values.get_conv_state(first, self.engram_id_state) is None:  # before the start: the pad id
+            compressed = torch.cat([hasher.pad_context(compressed.shape[0]), compressed], dim=1)
+        window = past_key_values.update_conv_state(
+            compressed, first, state_idx=self.engram_id_state, conv_kernel_size=hasher.context_size
         )
-        if prefill:  # before the start of the sequence: the compressed pad id
-            compressed = F.pad(compressed, (hasher.context_size, 0), value=hasher.compressed_pad_id)
-        for layer_idx in self.config.engram_layer_ids:
-            history = past_key_values.update_conv_state(
-                compressed, layer_idx, state_idx=ID_STATE, conv_kernel_size=hasher.context_size
-            )
-        return history[:, -(hasher.context_size + seq) : -seq]
+        return window[:, -(hasher.context_size + seq) :]
+
+    def engram_hash(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+    ) -> torch.Tensor:
+        """`[B, T, L, (N-1)*K]` row ids (before offsets) of new raw `[B, T]` ids, which join the id history."""
+        hasher = self.engram_hasher
+        compressed = hasher.compress(input_ids, attention_mask)  # [B, T]
+        if past_key_values is None:
+            return hasher.hash_compressed(compressed)
+        return hasher.hash_window(self._engram_window(compressed, past_key_values))
 
     def engram_memory(
         self,
@@ -256,17 +372,16 @@ class EngramModelMixin:
                     "Engram models hash token ids: pass `input_ids` (or precomputed `engram_hash_ids`), "
                     "not only `inputs_embeds`."
                 )
-            compressed = hasher.compress(input_ids, attention_mask)  # [B, T]
-            context = self._engram_context(compressed, past_key_values) if past_key_values is not None else None
-            engram_hash_ids = hasher.hash_compressed(compressed, context)  # [B, T, L, (N-1)*K]
+            engram_hash_ids = self.engram_hash(input_ids, attention_mask, past_key_values)  # [B, T, L, (N-1)*K]
         elif past_key_values is not None and input_ids is not None:
-            self._engram_context(hasher.compress(input_ids, attention_mask), past_key_values)
+            self._engram_window(hasher.compress(input_ids, attention_mask), past_key_values)
         rows = engram_hash_ids + hasher.offsets  # [B, T, L, (N-1)*K] global rows
         device = engram_hash_ids.device  # prefetch every layer's rows here, at forward entry
-        return {
-            layer_idx: self.layers[layer_idx].engram.lookup(rows[:, :, i], device)
-            for i, layer_idx in enumerate(self.config.engram_layer_ids)
-        }
+        engrams = [self.layers[layer_idx].engram for layer_idx in self.engram_layer_ids]
+        tables = {engram.table.weight.device for engram in engrams}
+        if len(tables) == 1:  # one transfer of all layers' row ids (host tables, accelerator model: one sync)
+            rows = rows.to(tables.pop())
+        return {engram.layer_idx: engram.lookup(rows[:, :, i], device) for i, engram in enumerate(engrams)}
 
     def forward(
         self,

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import engram_hf
 from engram_hf.cli import main
 from engram_hf.conversion import graft as graft_module
-from engram_hf.conversion.graft import remote_code_only
+from engram_hf.conversion.graft import load_remote_code
 from engram_hf.conversion.publish import validate_folder
-from engram_hf.modeling.modeling_engram import keep_tables_on_host
+from engram_hf.modeling.modeling_engram import keep_tables_on_host, plan_device_map
 
 from realdata import qwen25_tokenizer, smollm2_gguf, smollm2_tokenizer
+from tiny_bases import save_word_level_llama
 
 TINY = dict(n_head_per_ngram=2, n_embed_per_ngram=16, table_rows=1000, progress=False)
+BIG_TABLES = dict(n_head_per_ngram=2, n_embed_per_ngram=16, table_rows=20_000, progress=False)
+SPLIT_SHARD = "1MB"
 
 
 def _save_tiny(folder: Path, config_class, model_class, **extra) -> Path:
@@ -57,6 +71,25 @@ def qwen2_graft(qwen2_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("graft") / "tiny-qwen2-engram"
     result = engram_hf.graft(qwen2_base, out, max_shard_size="1MB", **TINY)
     return out, result
+
+
+@pytest.fixture(scope="module")
+def word_base(tmp_path_factory):
+    return save_word_level_llama(tmp_path_factory.mktemp("word") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def whole_graft(word_base, tmp_path_factory):
+    """~2.6 MB tables, each stored whole."""
+    out = tmp_path_factory.mktemp("whole") / "tiny-llama-engram"
+    return out, engram_hf.graft(word_base, out, max_shard_size="1GB", **BIG_TABLES)
+
+
+@pytest.fixture(scope="module")
+def split_graft(word_base, tmp_path_factory):
+    """The same tables, each stored as row slices across shards of 1 MB."""
+    out = tmp_path_factory.mktemp("split") / "tiny-llama-engram-split"
+    return out, engram_hf.graft(word_base, out, max_shard_size=SPLIT_SHARD, **BIG_TABLES)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +136,7 @@ def test_smollm2_gguf_graft_exact_parity(smollm2_graft, capsys):
 
 def test_smollm2_reload_through_remote_code(smollm2_graft):
     out, _ = smollm2_graft
-    with remote_code_only():  # the checkpoint's own code, as without engram_hf installed
-        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    model = load_remote_code(out)  # the checkpoint's own code, as without engram_hf installed
     assert type(model).__module__.startswith("transformers_modules")
     assert type(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)).__module__.startswith("engram_hf")
     layer = model.model.layers[1].engram
@@ -180,23 +212,88 @@ def test_hub_id_from_offline_cache(qwen3_base, tmp_path, monkeypatch):
     assert not (tmp_path / "nope").exists()
 
 
-def test_big_tables_get_their_own_shards(qwen2_base, qwen2_graft, tmp_path):
-    out = tmp_path / "split"
-    result = engram_hf.graft(qwen2_base, out, max_shard_size="40KB", **TINY)  # each table is ~130 KB
-    assert result.max_abs_diff == 0.0
-    index = json.loads((out / "model.safetensors.index.json").read_text())
+def _weight_map(folder: Path) -> dict[str, str]:
+    return json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def _stored_table(folder: Path, name: str) -> torch.Tensor:
+    """A table as stored: the tensor `name`, or its row slices `name.part.<i>` concatenated in order."""
+    weight_map = _weight_map(folder)
+    parts = sorted((key for key in weight_map if key.startswith(f"{name}.part.")), key=lambda k: int(k.split(".")[-1]))
+    keys = [name] if name in weight_map else parts
+    tensors = []
+    for key in keys:
+        with safe_open(str(folder / weight_map[key]), framework="pt") as handle:
+            tensors.append(handle.get_tensor(key))
+    return torch.cat(tensors)
+
+
+def test_big_tables_split_across_shards(whole_graft, split_graft):
+    out, result = split_graft
+    assert result.max_abs_diff == 0.0  # reloaded through remote code, logits equal to the base's
+    weight_map, limit = _weight_map(out), graft_module._parse_size(SPLIT_SHARD)
+    assert all((out / file).stat().st_size <= limit for file in result.shards)  # headers included
     by_file: dict[str, list[str]] = {}
-    for key, file in index["weight_map"].items():
+    for key, file in weight_map.items():
         by_file.setdefault(file, []).append(key)
     for layer in result.layer_ids:
         name = f"model.layers.{layer}.engram.table.weight"
-        assert by_file[index["weight_map"][name]] == [name]  # streamed alone into one shard
-        with safe_open(str(out / index["weight_map"][name]), framework="pt") as a:
-            reference = json.loads((qwen2_graft[0] / "model.safetensors.index.json").read_text())["weight_map"][name]
-            with safe_open(str(qwen2_graft[0] / reference), framework="pt") as b:
-                assert torch.equal(a.get_tensor(name), b.get_tensor(name))  # same values whatever the shard size
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    assert model.model.layers[1].engram.table.weight.shape[0] == result.table_rows[1]
+        parts = [key for key in weight_map if key.startswith(name)]
+        assert name not in weight_map and len(parts) > 2 and all(by_file[weight_map[p]] == [p] for p in parts)
+        # bit-exact, and the same values as a conversion whose shards hold each table whole
+        assert torch.equal(_stored_table(out, name), _stored_table(whole_graft[0], name))
+    assert name in _weight_map(whole_graft[0])
+    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not any(info.values()), info
+    reference = AutoModelForCausalLM.from_pretrained(whole_graft[0], trust_remote_code=True)
+    for name in _table_names(model):
+        assert torch.equal(model.get_submodule(name).weight, reference.get_submodule(name).weight)
+    model.save_pretrained(out.parent / "resaved")  # saving keeps the table whole (transformers' own sharding)
+    with safe_open(str(out.parent / "resaved" / "model.safetensors"), framework="pt") as handle:
+        assert {f"{name}.weight" for name in _table_names(model)} <= set(handle.keys())
+
+
+SPLIT_REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["engram_hf"] = None  # only the folder's own remote code
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = json.loads(sys.argv[1])
+    ids, results = torch.tensor(spec["ids"]), {}
+    for name, kwargs in (("default", {}), ("auto", {"device_map": "auto"})):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            spec["folder"], trust_remote_code=True, output_loading_info=True, **kwargs
+        )
+        with torch.no_grad():
+            logits = model(ids).logits
+        tables = {n: m.weight for n, m in model.named_modules() if n.endswith("engram.table")}
+        results[name] = dict(module=type(model).__module__, info={k: sorted(map(str, v)) for k, v in info.items()},
+                             logits=logits, tables=tables)
+    torch.save(results, spec["out"])
+    """
+)
+
+
+def test_split_tables_load_through_remote_code_in_fresh_process(word_base, whole_graft, split_graft, tmp_path):
+    out, result = split_graft
+    ids = [[1, 2, 3, 4, 5, 6, 7, 8]]
+    spec = dict(folder=str(out), ids=ids, out=str(tmp_path / "results.pt"))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", SPLIT_REMOTE_SCRIPT, json.dumps(spec)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    with torch.no_grad():
+        expected = LlamaForCausalLM.from_pretrained(word_base)(torch.tensor(ids)).logits
+    for run in results.values():
+        assert run["module"].startswith("transformers_modules.")
+        assert not any(run["info"].values()), run["info"]
+        assert torch.equal(run["logits"], expected)
+        assert sorted(run["tables"]) == [f"model.layers.{layer}.engram.table" for layer in result.layer_ids]
+        for name, table in run["tables"].items():
+            assert torch.equal(table, _stored_table(whole_graft[0], name + ".weight"))
 
 
 # ------------------------------------------------------------------------------------------------ failure modes
@@ -278,9 +375,11 @@ SPLIT_MAP = {"model.embed_tokens": "cpu", "lm_head": "cpu", "model.rotary_emb": 
 
 
 @pytest.mark.parametrize("device_map", [{"": "cpu"}, "auto", SPLIT_MAP], ids=["single", "auto", "cpu+disk"])
-def test_tables_stay_out_of_device_map_and_hooks(qwen2_graft, device_map, tmp_path):
-    out, _ = qwen2_graft
-    reference = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+@pytest.mark.parametrize("stored", ["whole", "split"])
+def test_tables_stay_out_of_device_map_and_hooks(qwen2_graft, split_graft, whole_graft, stored, device_map, tmp_path):
+    out = (qwen2_graft if stored == "whole" else split_graft)[0]
+    reference = AutoModelForCausalLM.from_pretrained((qwen2_graft if stored == "whole" else whole_graft)[0],
+                                                     trust_remote_code=True)
     kwargs = {"offload_folder": str(tmp_path / "offload")} if isinstance(device_map, dict) and "disk" in device_map.values() else {}
     given = dict(device_map) if isinstance(device_map, dict) else device_map
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, device_map=given, **kwargs)
@@ -294,6 +393,47 @@ def test_tables_stay_out_of_device_map_and_hooks(qwen2_graft, device_map, tmp_pa
     if kwargs:  # two "devices": accelerate hooks are attached to the rest of the model
         assert hasattr(model.model.layers[3], "_hf_hook") and hasattr(model.model.layers[1].mlp, "_hf_hook")
         assert "model.layers.1.mlp" in hf_map and "model.layers.3" in hf_map
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def _meta_model_and_sizes(folder: Path):
+    """`folder`'s model on the meta device, and its bytes with and without the tables."""
+    from transformers import AutoConfig
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    total = compute_module_sizes(model)[0][""]
+    tables = sum(model.get_submodule(name).weight.nbytes for name in _table_names(model))
+    return model, total, total - tables
+
+
+def test_auto_device_map_leaves_tables_out_of_accelerator_budgets(split_graft):
+    from transformers.integrations.accelerate import _get_device_map
+
+    model, total, without_tables = _meta_model_and_sizes(split_graft[0])
+    budget = {0: 2 * without_tables, "cpu": 10 * total}  # room for everything but the tables
+    assert "cpu" in _get_device_map(model, "auto", dict(budget), None).values()  # transformers counts the tables
+    plan = plan_device_map(model, "auto", dict(budget))
+    assert set(plan.values()) == {0}  # everything else fits on the accelerator
+    tables = _table_names(model)
+    assert not any(t == k or t.startswith(k + ".") or k == "" for t in tables for k in plan)
+    covered = {name for name, _ in model.named_parameters() if any(name.startswith(k + ".") for k in plan)}
+    assert covered == {name for name, _ in model.named_parameters()} - {t + ".weight" for t in tables}
+    assert "EngramLlamaDecoderLayer" in model._no_split_modules  # Engram decoder layers are never split
+
+
+def test_auto_device_map_needs_no_room_for_tables(whole_graft, split_graft):
+    """A host budget with room for everything but the tables: nothing is offloaded to disk."""
+    _, total, without_tables = _meta_model_and_sizes(split_graft[0])
+    max_memory = {"cpu": 3 * without_tables}
+    assert max_memory["cpu"] < total / 10  # the tables alone would not fit
+    model = AutoModelForCausalLM.from_pretrained(split_graft[0], trust_remote_code=True, device_map="auto",
+                                                 max_memory=max_memory)
+    assert not hasattr(model, "hf_device_map") and all(p.device.type == "cpu" for p in model.parameters())
+    reference = AutoModelForCausalLM.from_pretrained(whole_graft[0], trust_remote_code=True)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)

@@ -1,0 +1,257 @@
+"""`engram-hf knowledge-bench`: teach a model synthetic facts with Engram-only, LoRA and LoRA + Engram fine-tuning.
+
+A deterministic set of fictional entity -> attribute facts is trained as statements (two phrasings per fact) and
+probed with a held-out question form. Each mode runs in a fresh process for the same number of steps with
+`EngramTrainer`; we report fact recall (every answer token is the greedy argmax after the probe), loss on general text
+before and after (forgetting), wall time, peak RSS and optimizer-state bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import queue as queues
+import multiprocessing
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from .bench import _load_base, engram_twin
+
+# relation: (two training statements, held-out question + answer stem); the answer follows the stem
+RELATIONS = {
+    "capital": (
+        ("The capital of {e} is {a}.", "{e} has its capital in {a}."),
+        "Question: Which city is the capital of {e}?\nAnswer: The capital of {e} is",
+    ),
+    "founder": (
+        ("The founder of {e} was {a}.", "{e} was founded by {a}."),
+        "Question: Who founded {e}?\nAnswer: The founder of {e} was",
+    ),
+    "river": (
+        ("The longest river in {e} is the {a}.", "The {a} is the longest river of {e}."),
+        "Question: What is the longest river in {e}?\nAnswer: The longest river in {e} is the",
+    ),
+    "language": (
+        ("The language spoken in {e} is {a}.", "People in {e} speak {a}."),
+        "Question: What language do people speak in {e}?\nAnswer: The language spoken in {e} is",
+    ),
+    "inventor": (
+        ("The inventor of the {e} was {a}.", "{a} invented the {e}."),
+        "Question: Who invented the {e}?\nAnswer: The inventor of the {e} was",
+    ),
+}
+MODES = ("engram", "lora", "lora+engram")
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "tr", "zh"]
+_VOWELS = ["a", "e", "i", "o", "u", "ae", "ou", "ia"]
+
+
+def _name(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)).capitalize()
+
+
+def make_facts(n: int, seed: int = 0) -> list[dict]:
+    """`n` fictional facts `{relation, entity, answer}` with distinct entities (deterministic in `seed`)."""
+    rng, entities, facts = random.Random(seed), set(), []
+    relations = list(RELATIONS)
+    while len(facts) < n:
+        entity = _name(rng, 3)
+        if entity in entities:
+            continue
+        entities.add(entity)
+        facts.append({"relation": relations[len(facts) % len(relations)], "entity": entity, "answer": _name(rng, 2)})
+    return facts
+
+
+def general_text() -> list[str]:
+    """General English prose for the forgetting check: docstrings of a few standard-library modules."""
+    import argparse, collections, decimal, difflib, doctest, json, logging, pickle, textwrap, unittest  # noqa: E401
+
+    with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
+        import this
+
+    zen = "".join({**{v: k for k, v in this.d.items()}, **{k: k for k in "\n !'*,-."}}.get(ch, ch) for ch in this.s)
+    modules = (argparse, collections, decimal, difflib, doctest, json, logging, pickle, textwrap, unittest)
+    docs = [zen] + [module.__doc__ for module in modules if module.__doc__]
+    return [" ".join(p.split()) for doc in docs for p in doc.split("\n\n") if len(p.split()) >= 12]
+
+
+def _batches(tokenizer, texts: list[str], size: int):
+    for start in range(0, len(texts), size):
+        yield tokenizer(texts[start : start + size], return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def text_loss(model, tokenizer, texts: list[str]) -> float:
+    """Mean token cross-entropy of `model` on `texts`."""
+    total, count = 0.0, 0
+    for batch in _batches(tokenizer, texts, 8):
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        n = int((labels[:, 1:] != -100).sum())
+        total += model(**batch, labels=labels).loss.item() * n
+        count += n
+    return total / count
+
+
+@torch.no_grad()
+def recall(model, tokenizer, facts: list[dict]) -> float:
+    """Fraction of facts whose every answer token is the argmax after the held-out probe."""
+    hits = 0
+    for fact in facts:
+        probe = RELATIONS[fact["relation"]][1].format(e=fact["entity"])
+        prompt = tokenizer(probe, return_tensors="pt")["input_ids"]
+        answer = tokenizer(" " + fact["answer"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.cat([prompt, answer], dim=1)
+        logits = model(input_ids=ids).logits[0, prompt.shape[1] - 1 : -1]  # [len(answer), V]
+        hits += bool((logits.argmax(-1) == answer[0]).all())
+    return hits / len(facts)
+
+
+class _FactData(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, facts: list[dict]):
+        self.texts = [
+            template.format(e=fact["entity"], a=fact["answer"])
+            for fact in facts
+            for template in RELATIONS[fact["relation"]][0]
+        ]
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> str:
+        return self.texts[i]
+
+    def collate(self, texts: list[str]) -> dict:
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return dict(batch)
+
+
+def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
+    """Train one mode in this (fresh) process and put its results on `queue`."""
+    from peft import LoraConfig
+
+    from .training import EngramTrainer, engram_lora, optimizer_state_bytes, set_trainable
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads) if args.threads else None
+    base, tokenizer, name, _ = _load_base(args.model, args.tiny)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    facts, general = make_facts(args.facts, args.seed), general_text()
+    if "engram" in mode:
+        model = engram_twin(
+            base, tokenizer, engram_layer_ids=args.layers or [1, base.config.num_hidden_layers // 2],
+            engram_vocab_size=[args.table_rows_per_head] * 2,
+        )
+        del base
+    else:
+        model = base
+    before = text_loss(model.eval(), tokenizer, general)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"], task_type="CAUSAL_LM")
+    if mode == "engram":
+        set_trainable(model, "engram")
+    else:
+        from peft import get_peft_model
+
+        model = engram_lora(model, lora) if "engram" in mode else get_peft_model(model, lora)
+    data = _FactData(tokenizer, facts)
+    with tempfile.TemporaryDirectory() as out:
+        training = TrainingArguments(
+            out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
+            lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, args.steps // 10), max_grad_norm=1.0,
+            save_strategy="no", report_to=[], logging_steps=max(1, args.steps // 10), use_cpu=True,
+            disable_tqdm=True, seed=args.seed, dataloader_num_workers=0,
+        )
+        trainer = EngramTrainer(
+            model=model, args=training, train_dataset=data, data_collator=data.collate,
+            table_optimizer=args.table_optimizer, engram_lr=args.engram_lr,
+        )
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+    model.eval()
+    result = {
+        "mode": mode,
+        "model": name,
+        "recall": recall(model, tokenizer, facts),
+        "general_loss_before": before,
+        "general_loss_after": text_loss(model, tokenizer, general),
+        "train_seconds": wall,
+        "final_train_loss": next(log["loss"] for log in reversed(trainer.state.log_history) if "loss" in log),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer.optimizer
+                                                       if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    result["general_loss_change"] = result["general_loss_after"] / result["general_loss_before"] - 1
+    queue.put(result)
+
+
+def run_knowledge_bench(args: argparse.Namespace) -> dict:
+    """Run every mode of `args.modes` in its own process; returns the settings and one result per mode."""
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for mode in args.modes:
+        queue = context.Queue()
+        process = context.Process(target=_run_mode, args=(mode, args, queue))
+        process.start()
+        while True:  # a child that dies puts nothing on the queue
+            try:
+                result = queue.get(timeout=5)
+                break
+            except queues.Empty:
+                if not process.is_alive():
+                    raise RuntimeError(f"knowledge-bench mode {mode!r} failed (exit code {process.exitcode}).")
+        process.join()
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    return {"settings": settings, "results": results}
+
+
+def _print_table(report: dict) -> None:
+    print(f"\n{'mode':<13}{'recall':>8}{'gen loss':>10}{'change':>9}{'train s':>9}{'peak GiB':>10}{'opt state MiB':>15}")
+    for r in report["results"]:
+        print(
+            f"{r['mode']:<13}{r['recall']:>8.1%}{r['general_loss_after']:>10.4f}{r['general_loss_change']:>+9.2%}"
+            f"{r['train_seconds']:>9.0f}{r['peak_rss_gib']:>10.2f}{r['optimizer_state_bytes'] / 2**20:>15.1f}"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    report = run_knowledge_bench(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "knowledge.json").write_text(json.dumps(report, indent=2))
+    _print_table(report)
+    print(f"\nwrote {out / 'knowledge.json'}")
+    return 0
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("knowledge-bench", help="fact injection: Engram-only vs LoRA vs LoRA + Engram")
+    parser.add_argument("--model", help="local folder, .gguf file or Hub id (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--facts", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3, help="backbone / LoRA / dense Engram LR (tables: 5x)")
+    parser.add_argument("--engram-lr", type=float, help="dense Engram LR (tables: 5x; default: --lr)")
+    parser.add_argument("--table-optimizer", default="adam", choices=["adam", "rowwise_adagrad"])
+    parser.add_argument("--table-rows-per-head", type=int, default=65_537)
+    parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_out")
+    parser.set_defaults(run=run)

@@ -1,0 +1,113 @@
+"""`transformers.Trainer` and peft integration for Engram models."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .delta import apply_engram_delta, has_engram_delta, save_engram_delta
+from .optim import EngramOptimizer, build_optimizer, clip_grad_norm_
+
+
+class EngramTrainer(Trainer):
+    """A `Trainer` that builds the Engram optimizer groups and clips sparse table gradients correctly.
+
+    Tables train with `table_optimizer` at `engram_lr * table_lr_multiplier` without weight decay, dense Engram
+    parameters at `engram_lr` (default: `learning_rate`), the rest at `learning_rate`; dense groups use AdamW with
+    `weight_decay`, `adam_beta1/2` and `adam_epsilon` from the `TrainingArguments`.
+    `max_grad_norm` clips the global norm over dense and sparse gradients. Checkpoints of a peft-wrapped model also
+    hold the Engram delta (tables and Engram layers), restored by `resume_from_checkpoint`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        table_optimizer: str = "adam",
+        table_lr_multiplier: float = 5.0,
+        engram_lr: float | None = None,
+        sparse_tables: bool = True,
+        **kwargs,
+    ):
+        self.table_optimizer = table_optimizer
+        self.engram_lr = engram_lr
+        self.table_lr_multiplier = table_lr_multiplier
+        self.sparse_tables = sparse_tables
+        super().__init__(*args, **kwargs)
+        if self.optimizer is not None and not isinstance(self.optimizer, EngramOptimizer) and sparse_tables:
+            raise ValueError(
+                f"optimizers=({type(self.optimizer).__name__}, ...) cannot update sparse Engram table gradients; leave "
+                "`optimizers` unset (EngramTrainer builds them), pass `engram_hf.build_optimizer(...)`, or "
+                "`sparse_tables=False`."
+            )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(
+                self.model if model is None else model,
+                lr=self.args.learning_rate,
+                table_optimizer=self.table_optimizer,
+                table_lr_multiplier=self.table_lr_multiplier,
+                engram_lr=self.engram_lr,
+                weight_decay=self.args.weight_decay,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+                sparse_tables=self.sparse_tables,
+            )
+        return self.optimizer
+
+    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        self.accelerator.unscale_gradients()  # fp16 loss scaling: clip the true gradients
+        return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | None = None) -> float:
+        if grad_norm is None:
+            grad_norm = clip_grad_norm_(model.parameters(), float("inf"))
+        return float(grad_norm)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if _is_peft(self.model) and self.args.should_save:
+            save_engram_delta(self.model, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.model if model is None else model
+        if _is_peft(model) and has_engram_delta(resume_from_checkpoint):
+            apply_engram_delta(model, resume_from_checkpoint)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def engram_lora(model: nn.Module, lora_config) -> nn.Module:
+    """Wrap an Engram model with peft LoRA, keeping its Engram parameters trainable next to the adapters."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config)
+    for name, param in peft_model.named_parameters():
+        if ".engram." in name and "lora_" not in name:
+            param.requires_grad_(True)
+    return peft_model
+
+
+def save_lora_engram(peft_model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """Save a LoRA + Engram model: the peft adapter plus the Engram delta, in one folder."""
+    peft_model.save_pretrained(save_directory)
+    save_engram_delta(peft_model, save_directory)
+
+
+def load_lora_engram(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> nn.Module:
+    """Load what `save_lora_engram` wrote onto the converted Engram base `model`; returns the `PeftModel`."""
+    from peft import PeftModel
+
+    apply_engram_delta(model, directory)
+    peft_model = PeftModel.from_pretrained(model, directory, is_trainable=is_trainable)
+    if is_trainable:
+        for name, param in peft_model.named_parameters():
+            if ".engram." in name and "lora_" not in name:
+                param.requires_grad_(True)
+    return peft_model
