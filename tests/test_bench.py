@@ -17,8 +17,8 @@ def test_bench_smoke(tmp_path, capsys):
         assert results["speed"][side]["prefill_tok_s"] > 0 and results["speed"][side]["decode_tok_s"] > 0
     assert {"decode_ratio", "prefill_ratio"} <= set(results["speed"])
     assert [row["log2_rows"] for row in results["table_sweep"]] == [12, 14]
-    assert {"decode_step_us_ctx128", "decode_step_us_ctx4096", "prefill_tok_s_torch", "prefill_tok_s_numpy_reference",
-            "prefill_speedup"} <= set(results["hashing"])
+    assert {"decode_step_us_ctx128", "decode_step_us_ctx4096", "decode_step_hash_only_us", "prefill_tok_s_torch",
+            "prefill_tok_s_numpy_reference", "prefill_speedup"} <= set(results["hashing"])
     assert "bench_process_peak_rss_gib" in results["memory"]
     assert "greedy decode tokens/s" in capsys.readouterr().out
 
