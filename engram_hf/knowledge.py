@@ -142,7 +142,8 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
     from .training import EngramTrainer, engram_lora, optimizer_state_bytes, set_trainable
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base, tokenizer, name, _ = _load_base(args.model, args.tiny)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -188,8 +189,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
         "general_loss_after": text_loss(model, tokenizer, general),
         "train_seconds": wall,
         "final_train_loss": next(log["loss"] for log in reversed(trainer.state.log_history) if "loss" in log),
-        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer.optimizer
-                                                       if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),  # accelerate's wrapper exposes its state
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -30,6 +26,7 @@ from engram_hf.conversion.publish import validate_folder
 from engram_hf.modeling.modeling_engram import keep_tables_on_host, plan_device_map
 
 from realdata import qwen25_tokenizer, smollm2_gguf, smollm2_tokenizer
+from fresh_process import run_without_engram_hf
 from tiny_bases import save_word_level_llama
 
 TINY = dict(n_head_per_ngram=2, n_embed_per_ngram=16, table_rows=1000, progress=False)
@@ -253,10 +250,8 @@ def test_big_tables_split_across_shards(whole_graft, split_graft):
         assert {f"{name}.weight" for name in _table_names(model)} <= set(handle.keys())
 
 
-SPLIT_REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["engram_hf"] = None  # only the folder's own remote code
+SPLIT_REMOTE_SCRIPT = """
+    import json
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -273,17 +268,13 @@ SPLIT_REMOTE_SCRIPT = textwrap.dedent(
                              logits=logits, tables=tables)
     torch.save(results, spec["out"])
     """
-)
 
 
 def test_split_tables_load_through_remote_code_in_fresh_process(word_base, whole_graft, split_graft, tmp_path):
     out, result = split_graft
     ids = [[1, 2, 3, 4, 5, 6, 7, 8]]
     spec = dict(folder=str(out), ids=ids, out=str(tmp_path / "results.pt"))
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", SPLIT_REMOTE_SCRIPT, json.dumps(spec)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_without_engram_hf(SPLIT_REMOTE_SCRIPT, json.dumps(spec), cwd=tmp_path)
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     with torch.no_grad():
         expected = LlamaForCausalLM.from_pretrained(word_base)(torch.tensor(ids)).logits

@@ -4,11 +4,7 @@ onto the real SmolLM2 checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM, LlamaForCausalLM, pipe
 import engram_hf
 from engram_hf import EngramLlamaConfig, EngramLlamaForCausalLM
 from realdata import smollm2_gguf, smollm2_tokenizer
+from fresh_process import run_without_engram_hf
 from tiny_models import FAMILIES, PROMPTS, compression, encode, tiny_model, tokenizer
 
 MODELING_DIR = Path(engram_hf.__file__).resolve().parent.parent / "modeling"
@@ -109,16 +106,8 @@ def test_pipeline_equals_generate(saved, family):
 
 # --- fresh process, remote code -----------------------------------------------------------------------------------
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["engram_hf"] = None  # the package must not be importable: everything comes from the saved code
-    try:
-        import engram_hf  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("engram_hf is importable")
+REMOTE_SCRIPT = """
+    import json
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, pipeline
 
@@ -141,7 +130,6 @@ REMOTE_SCRIPT = textwrap.dedent(
     results["engram_hf_loaded"] = [m for m in sys.modules if m.startswith("engram_hf") and sys.modules[m] is not None]
     torch.save(results, item["out"])
     """
-)
 
 
 @pytest.fixture(scope="module")
@@ -160,19 +148,7 @@ def remote(saved, tmp_path_factory):
             folder=str(item["folder"]), hub_id=hub_id(family), ids=item["ids"].tolist(), prompt=PROMPT,
             new_tokens=NEW_TOKENS, out=str(out_file),
         )
-    env = {
-        **os.environ,
-        "HF_MODULES_CACHE": str(root / "modules"),
-        "HF_HUB_CACHE": str(hub_cache),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": "",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, json.dumps(spec)], env=env, cwd=root, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_without_engram_hf(REMOTE_SCRIPT, json.dumps(spec), cwd=root, HF_HUB_CACHE=str(hub_cache))
     return torch.load(out_file, weights_only=False)
 
 

@@ -11,9 +11,6 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -37,6 +34,7 @@ from engram_hf.training import (
     save_lora_engram,
     set_trainable,
 )
+from fresh_process import run_without_engram_hf
 from tiny_models import tiny_model, tokenizer
 
 FAMILY = "llama"  # SmolLM2 tokenizer and its real compression map
@@ -699,16 +697,7 @@ def test_lora_save_load_reproduces_logits(lora_runs, base_folder, batch, tmp_pat
     assert torch.equal(_logits(trainable, batch), expected)
 
 
-MERGED_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["engram_hf"] = None  # the package must not be importable: everything comes from the saved code
-    try:
-        import engram_hf  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("engram_hf is importable")
+MERGED_SCRIPT = """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -718,7 +707,6 @@ MERGED_SCRIPT = textwrap.dedent(
         logits = model(input_ids=torch.load(ids_file), use_cache=False).logits
     torch.save({"logits": logits, "module": type(model).__module__}, out_file)
     """
-)
 
 
 def test_lora_merged_model_reloads_through_remote_code(lora_runs, base, batch, tmp_path):
@@ -732,13 +720,7 @@ def test_lora_merged_model_reloads_through_remote_code(lora_runs, base, batch, t
     folder = tmp_path / "merged"
     merged.save_pretrained(folder)
     torch.save(batch, tmp_path / "ids.pt")
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run(
-        [sys.executable, "-c", MERGED_SCRIPT, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_without_engram_hf(MERGED_SCRIPT, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"), cwd=tmp_path)
     result = torch.load(tmp_path / "out.pt", weights_only=False)
     assert result["module"].startswith("transformers_modules.")
     assert torch.equal(result["logits"], expected)

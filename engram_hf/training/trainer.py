@@ -83,15 +83,19 @@ def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def engram_lora(model: nn.Module, lora_config) -> nn.Module:
-    """Wrap an Engram model with peft LoRA, keeping its Engram parameters trainable next to the adapters."""
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, lora_config)
+def _train_engram_parameters(peft_model: nn.Module) -> nn.Module:
+    """Unfreeze the Engram parameters that peft froze (LoRA adapters on Engram linears stay as peft set them)."""
     for name, param in peft_model.named_parameters():
         if ".engram." in name and "lora_" not in name:
             param.requires_grad_(True)
     return peft_model
+
+
+def engram_lora(model: nn.Module, lora_config) -> nn.Module:
+    """Wrap an Engram model with peft LoRA, keeping its Engram parameters trainable next to the adapters."""
+    from peft import get_peft_model
+
+    return _train_engram_parameters(get_peft_model(model, lora_config))
 
 
 def save_lora_engram(peft_model: nn.Module, save_directory: str | os.PathLike) -> None:
@@ -106,8 +110,4 @@ def load_lora_engram(model: nn.Module, directory: str | os.PathLike, is_trainabl
 
     apply_engram_delta(model, directory)
     peft_model = PeftModel.from_pretrained(model, directory, is_trainable=is_trainable)
-    if is_trainable:
-        for name, param in peft_model.named_parameters():
-            if ".engram." in name and "lora_" not in name:
-                param.requires_grad_(True)
-    return peft_model
+    return _train_engram_parameters(peft_model) if is_trainable else peft_model
