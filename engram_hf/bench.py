@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -79,45 +80,72 @@ def _median_time(
 
 
 @torch.no_grad()
-def _prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int, reps: int) -> tuple[float, float]:
-    """Median prefill tokens/s (uncached forward of the prompt) and greedy decode tokens/s (cached, one token a step)."""
+def _timed_round(
+    models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """One round: each model prefills the prompt (as `generate` does: cached, last logits only) in turn, then they
+    decode `new_tokens` greedy tokens, one step of each model after the other, so machine noise hits all alike.
 
+    Returns `{label: prefill seconds}` and `{label: [seconds of each decode step]}`.
+    """
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
 
-    def prefill():
-        model(prompt, use_cache=False, logits_to_keep=1)
-        sync()
-
-    def decode():
-        out = model(prompt, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        sync()
+    def timed(fn: Callable[[], object]) -> tuple[object, float]:
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+        out = fn()
         sync()
-        return time.perf_counter() - start
+        return out, time.perf_counter() - start
 
-    prefill_s = _median_time(prefill, reps)
-    decode()
-    decode_s = statistics.median(decode() for _ in range(reps))
-    return prompt.numel() / prefill_s, new_tokens * prompt.shape[0] / decode_s
+    prefill_s, step_s, caches, tokens = {}, {label: [] for label in models}, {}, {}
+    for label, model in models.items():
+        out, prefill_s[label] = timed(partial(model, prompt, use_cache=True, logits_to_keep=1))
+        caches[label], tokens[label] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for _ in range(new_tokens):
+        for label, model in models.items():
+            out, seconds = timed(partial(model, tokens[label], past_key_values=caches[label], use_cache=True))
+            tokens[label] = out.logits[:, -1:].argmax(-1)
+            step_s[label].append(seconds)
+    return prefill_s, step_s
 
 
-def _resize_tables(model, rows_per_head: int) -> int:
-    """Point every Engram table at `rows_per_head`-sized heads (uninitialised, lazily committed memory)."""
-    cfg, decoder = model.config, model.get_decoder()
-    n_orders = cfg.engram_max_ngram_size - 1
-    cfg.engram_vocab_size = [rows_per_head] * n_orders
+def _prefill_and_decode(
+    models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, reps: int, quiet: bool = True
+) -> dict[str, tuple[float, float]]:
+    """`{label: (prefill tokens/s, greedy decode tokens/s)}` from `reps` interleaved rounds after a warm-up round:
+    the median prefill time and the median time of one decode step."""
+    prefill_s = {label: [] for label in models}
+    step_s = {label: [] for label in models}
+    for round_ in tqdm(range(reps + 1), desc=" vs ".join(models), disable=quiet):  # round 0 warms up
+        prefills, steps = _timed_round(models, prompt, new_tokens)
+        for label in models:
+            prefill_s[label] += [prefills[label]] if round_ else []
+            step_s[label] += steps[label] if round_ else []
+    return {
+        label: (prompt.numel() / statistics.median(prefill_s[label]), prompt.shape[0] / statistics.median(step_s[label]))
+        for label in models
+    }
+
+
+def _table_variant(model, rows_per_head: int) -> tuple[NgramHasher, dict[int, nn.Embedding]]:
+    """A hasher and Engram tables of `model` for `rows_per_head`-sized heads (uninitialised, lazily committed memory)."""
+    cfg = copy.copy(model.config)
+    cfg.engram_vocab_size = [rows_per_head] * (cfg.engram_max_ngram_size - 1)
+    decoder = model.get_decoder()
     old = decoder.engram_hasher
-    decoder.engram_hasher = NgramHasher.from_config(cfg, compression_map=old.compression_map).to(old.multipliers.device)
+    hasher = NgramHasher.from_config(cfg, compression_map=old.compression_map).to(old.multipliers.device)
+    tables = {}
     for layer_id in cfg.engram_layer_ids:
-        engram = decoder.layers[layer_id].engram
-        rows = decoder.engram_hasher.rows_per_layer(layer_id)
+        engram, rows = decoder.layers[layer_id].engram, hasher.rows_per_layer(layer_id)
         weight = torch.empty(rows, engram.head_dim, dtype=engram.table.weight.dtype)
-        engram.table = nn.Embedding(rows, engram.head_dim, _weight=weight)
-    return decoder.engram_hasher.rows_per_layer(cfg.engram_layer_ids[0])
+        tables[layer_id] = nn.Embedding(rows, engram.head_dim, _weight=weight)
+    return hasher, tables
+
+
+def _use_tables(model, variant: tuple[NgramHasher, dict[int, nn.Embedding]]) -> None:
+    decoder = model.get_decoder()
+    decoder.engram_hasher, tables = variant
+    for layer_id, table in tables.items():
+        decoder.layers[layer_id].engram.table = table
 
 
 def _peak_rss_of(code: str) -> float:
@@ -194,27 +222,32 @@ def run_bench(args: argparse.Namespace) -> dict:
             "engram_model_gpu_memory_gib": engram_gpu_gib,
         }
 
-    # 1. base vs Engram, interleaved so that machine noise hits both alike
-    figures = {"base": [], "engram": []}
-    for _ in tqdm(range(args.reps), desc="base vs engram", disable=args.quiet):
-        for label, model in (("base", base), ("engram", engram)):
-            figures[label].append(_prefill_and_decode(model, prompt, args.new_tokens, reps=1))
-    speed = {}
-    for label, runs in figures.items():
-        speed[label] = {"prefill_tok_s": statistics.median(r[0] for r in runs),
-                        "decode_tok_s": statistics.median(r[1] for r in runs)}
+    # 1. base vs Engram, interleaved step by step so that machine noise hits both alike
+    figures = _prefill_and_decode({"base": base, "engram": engram}, prompt, args.new_tokens, args.reps, args.quiet)
+    speed = {label: {"prefill_tok_s": prefill, "decode_tok_s": decode} for label, (prefill, decode) in figures.items()}
     speed["decode_ratio"] = speed["engram"]["decode_tok_s"] / speed["base"]["decode_tok_s"]
     speed["prefill_ratio"] = speed["engram"]["prefill_tok_s"] / speed["base"]["prefill_tok_s"]
     results["speed"] = speed
 
     # 2. decode time as the per-layer table grows (O(1) lookups: flat)
-    sweep = []
+    # (one round at a time for each size in turn, so that machine noise spreads over all sizes alike)
     n_heads = (cfg.engram_max_ngram_size - 1) * cfg.engram_n_head_per_ngram
-    for log2 in tqdm(args.table_log2, desc="table sweep", disable=args.quiet):
-        rows = _resize_tables(engram, max(2, 2**log2 // n_heads))
-        _, decode_tok_s = _prefill_and_decode(engram, prompt[:, :32], args.new_tokens, reps=args.reps)
-        sweep.append({"log2_rows": log2, "rows_per_layer": rows, "decode_ms_per_token": 1e3 / decode_tok_s})
-    results["table_sweep"] = sweep
+    original = (engram.get_decoder().engram_hasher, {i: engram.get_decoder().layers[i].engram.table
+                                                     for i in cfg.engram_layer_ids})
+    variants = {log2: _table_variant(engram, max(2, 2**log2 // n_heads)) for log2 in args.table_log2}
+    step_s = {log2: [] for log2 in args.table_log2}
+    for round_ in tqdm(range(args.reps + 1), desc="table sweep", disable=args.quiet):  # round 0 warms up
+        for log2, variant in variants.items():
+            _use_tables(engram, variant)
+            _, steps = _timed_round({"engram": engram}, prompt[:, :32], args.new_tokens)
+            step_s[log2] += steps["engram"] if round_ else []
+    _use_tables(engram, original)
+    results["table_sweep"] = [
+        {"log2_rows": log2, "rows_per_layer": hasher.rows_per_layer(cfg.engram_layer_ids[0]),
+         "decode_ms_per_token": 1e3 * statistics.median(step_s[log2])}
+        for log2, (hasher, _) in variants.items()
+    ]
+    sweep = results["table_sweep"]
     results["table_sweep_ratio"] = sweep[0]["decode_ms_per_token"] / sweep[-1]["decode_ms_per_token"]
 
     # 3. hashing: per decode step at two context lengths, and prefill throughput against NumPy

