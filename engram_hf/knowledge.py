@@ -1,9 +1,10 @@
 """`engram-hf knowledge-bench`: teach a model synthetic facts with Engram-only, LoRA and LoRA + Engram fine-tuning.
 
-A deterministic set of fictional entity -> attribute facts is trained as statements (two phrasings per fact) and
-probed with a held-out question form. Each mode runs in a fresh process for the same number of steps with
-`EngramTrainer`; we report fact recall (every answer token is the greedy argmax after the probe), loss on general text
-before and after (forgetting), wall time, peak RSS and optimizer-state bytes.
+A deterministic set of fictional entity -> attribute facts is trained as statements (two phrasings per fact), mixed
+with pieces of general text (replay), and probed with a held-out question form. Engram models start from empty memory
+(`empty_memory_`) unless `--memory-init graft`. Each mode runs in a fresh process for the same number of steps with
+`EngramTrainer`; we report fact recall (every answer token is the greedy argmax after the probe), loss on other general
+text before and after (forgetting), wall time, peak RSS and optimizer-state bytes.
 """
 
 from __future__ import annotations
@@ -70,17 +71,41 @@ def make_facts(n: int, seed: int = 0) -> list[dict]:
     return facts
 
 
-def general_text() -> list[str]:
-    """General English prose for the forgetting check: docstrings of a few standard-library modules."""
-    import argparse, collections, decimal, difflib, doctest, json, logging, pickle, textwrap, unittest  # noqa: E401
+# standard-library modules whose docstrings give the general text: probed for forgetting, or replayed in training
+_PROBE_MODULES = ("argparse", "collections", "decimal", "difflib", "doctest", "json", "logging", "pickle", "textwrap",
+                  "unittest")
+_REPLAY_MODULES = ("configparser", "copy", "csv", "heapq", "pdb", "pydoc", "statistics", "timeit", "turtle", "uuid")
 
-    with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
-        import this
 
-    zen = "".join({**{v: k for k, v in this.d.items()}, **{k: k for k in "\n !'*,-."}}.get(ch, ch) for ch in this.s)
-    modules = (argparse, collections, decimal, difflib, doctest, json, logging, pickle, textwrap, unittest)
-    docs = [zen] + [module.__doc__ for module in modules if module.__doc__]
+def general_text(split: str = "probe") -> list[str]:
+    """General English prose: paragraphs of standard-library module docstrings.
+
+    `"probe"` (the forgetting check: the Zen of Python and ten modules' docstrings) and `"replay"` (other modules,
+    for mixing into training) share no text.
+    """
+    import importlib
+
+    docs = []
+    if split == "probe":
+        with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
+            import this
+
+        docs.append("".join({**{v: k for k, v in this.d.items()}, **{k: k for k in "\n !'*,-."}}.get(ch, ch) for ch in this.s))
+    elif split != "replay":
+        raise ValueError(f"Unknown general-text split {split!r}; use 'probe' or 'replay'.")
+    modules = _PROBE_MODULES if split == "probe" else _REPLAY_MODULES
+    docs += [importlib.import_module(name).__doc__ or "" for name in modules]
     return [" ".join(p.split()) for doc in docs for p in doc.split("\n\n") if len(p.split()) >= 12]
+
+
+def replay_chunks(n: int, words: int = 20) -> list[str]:
+    """`n` pieces of replay text of at most `words` words each (cycling through the replay split)."""
+    chunks = [
+        " ".join(paragraph.split()[start : start + words])
+        for paragraph in general_text("replay")
+        for start in range(0, len(paragraph.split()), words)
+    ]
+    return [chunks[i % len(chunks)] for i in range(n)]
 
 
 def _batches(tokenizer, texts: list[str], size: int):
@@ -115,23 +140,36 @@ def recall(model, tokenizer, facts: list[dict]) -> float:
 
 
 class _FactData(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, facts: list[dict]):
-        self.texts = [
-            template.format(e=fact["entity"], a=fact["answer"])
-            for fact in facts
-            for template in RELATIONS[fact["relation"]][0]
-        ]
+    """The fact statements, plus `replay` x as many pieces of general text (rehearsal against forgetting).
+
+    With `answer_loss_only`, a statement's loss covers only the tokens of its answer (replay text: every token).
+    """
+
+    def __init__(self, tokenizer, facts: list[dict], replay: float = 0.0, answer_loss_only: bool = True):
+        self.items: list[tuple[str, tuple[int, int] | None]] = []  # (text, answer character span or None)
+        for fact in facts:
+            for template in RELATIONS[fact["relation"]][0]:
+                text = template.format(e=fact["entity"], a=fact["answer"])
+                start = template.replace("{e}", fact["entity"]).index("{a}")
+                self.items.append((text, (start, start + len(fact["answer"])) if answer_loss_only else None))
+        self.items += [(chunk, None) for chunk in replay_chunks(round(replay * len(self.items)))]
         self.tokenizer = tokenizer
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.items)
 
-    def __getitem__(self, i: int) -> str:
-        return self.texts[i]
+    def __getitem__(self, i: int) -> tuple[str, tuple[int, int] | None]:
+        return self.items[i]
 
-    def collate(self, texts: list[str]) -> dict:
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True)
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    def collate(self, items: list[tuple[str, tuple[int, int] | None]]) -> dict:
+        texts, spans = zip(*items)
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, return_offsets_mapping=True)
+        offsets = batch.pop("offset_mapping")  # [B, T, 2] character span of each token
+        keep = batch["attention_mask"].bool()
+        for row, span in enumerate(spans):
+            if span is not None:  # tokens overlapping the answer
+                keep[row] &= (offsets[row, :, 0] < span[1]) & (offsets[row, :, 1] > span[0])
+        batch["labels"] = batch["input_ids"].masked_fill(~keep, -100)
         return dict(batch)
 
 
@@ -167,7 +205,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
         from peft import get_peft_model
 
         model = engram_lora(model, lora) if "engram" in mode else get_peft_model(model, lora)
-    data = _FactData(tokenizer, facts)
+    data = _FactData(tokenizer, facts, args.replay, answer_loss_only=args.loss == "answer")
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
             out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
@@ -252,7 +290,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--engram-lr", type=float, help="dense Engram LR (tables: 5x; default: --lr)")
     parser.add_argument("--table-optimizer", default="adam", choices=["adam", "rowwise_adagrad"])
     parser.add_argument("--table-rows-per-head", type=int, default=65_537)
-    parser.add_argument("--memory-init", default="empty", choices=["empty", "graft"],
+    parser.add_argument("--loss", default="answer", choices=["answer", "all"],
+                        help="train on the answer tokens of each statement (default) or on all of its tokens")
+    parser.add_argument("--replay", type=float, default=0.5,
+                        help="general-text pieces mixed into training, per fact statement (other text than the probe)")
+    parser.add_argument("--memory-init", default="graft", choices=["empty", "graft"],
                         help="Engram start point: empty tables + random W_V (default) or the graft's random tables + zero W_V")
     parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from engram_hf.cli import main
-from engram_hf.knowledge import RELATIONS, make_facts
+from engram_hf.knowledge import RELATIONS, _FactData, general_text, make_facts, replay_chunks
+from realdata import smollm2_tokenizer
 
 
 def test_facts_are_deterministic_and_distinct():
@@ -15,6 +16,33 @@ def test_facts_are_deterministic_and_distinct():
     assert facts == make_facts(50, seed=3) and facts != make_facts(50, seed=4)
     assert len({fact["entity"] for fact in facts}) == 50
     assert {fact["relation"] for fact in facts} == set(RELATIONS)
+
+
+def test_replay_text_is_not_the_probe_text():
+    probe, replay = general_text("probe"), general_text("replay")
+    assert len(probe) >= 40 and len(replay) >= 100
+    assert not set(probe) & set(replay)
+    chunks = replay_chunks(500, words=20)
+    assert len(chunks) == 500 and all(1 <= len(c.split()) <= 20 for c in chunks)
+    assert not any(c in p for c in chunks[:50] for p in probe)
+    with pytest.raises(ValueError, match="split"):
+        general_text("train")
+
+
+@pytest.mark.parametrize("answer_loss_only", [True, False])
+def test_statement_labels_cover_the_answer_only(answer_loss_only):
+    tokenizer = smollm2_tokenizer()
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    facts = make_facts(10)
+    data = _FactData(tokenizer, facts, replay=0.5, answer_loss_only=answer_loss_only)
+    assert len(data) == 20 + 10  # two statements per fact, then replay pieces
+    batch = data.collate([data[i] for i in range(len(data))])
+    for i, (text, _) in enumerate(data):
+        labelled = tokenizer.decode(batch["input_ids"][i][batch["labels"][i] != -100])
+        if i < 20 and answer_loss_only:
+            assert labelled.strip() == facts[i // 2]["answer"], text
+        else:  # replay text (and statements with answer_loss_only=False): every real token
+            assert labelled == text
 
 
 def test_knowledge_bench_smoke(tmp_path):
