@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from .bench import _load_base, engram_twin
+from .training import EngramTrainer
 
 # relation: (two training statements, held-out question + answer stem); the answer follows the stem
 RELATIONS = {
@@ -142,42 +144,84 @@ def recall(model, tokenizer, facts: list[dict]) -> float:
 class _FactData(torch.utils.data.Dataset):
     """The fact statements, plus `replay` x as many pieces of general text (rehearsal against forgetting).
 
-    With `answer_loss_only`, a statement's loss covers only the tokens of its answer (replay text: every token).
+    With `answer_loss_only`, a statement's loss covers only the tokens of its answer. Replay text is labelled in full
+    (`replay_target="text"`) or left unlabelled and marked in `batch["replay"]` (`"base"`: the trainer keeps the
+    model's predictions there close to the base model's, see `_ReplayTrainer`).
     """
 
-    def __init__(self, tokenizer, facts: list[dict], replay: float = 0.0, answer_loss_only: bool = True):
-        self.items: list[tuple[str, tuple[int, int] | None]] = []  # (text, answer character span or None)
+    def __init__(
+        self, tokenizer, facts: list[dict], replay: float = 0.0, answer_loss_only: bool = True,
+        replay_target: str = "base",
+    ):
+        # (text, answer character span or None, is replay text)
+        self.items: list[tuple[str, tuple[int, int] | None, bool]] = []
         for fact in facts:
             for template in RELATIONS[fact["relation"]][0]:
                 text = template.format(e=fact["entity"], a=fact["answer"])
                 start = template.replace("{e}", fact["entity"]).index("{a}")
-                self.items.append((text, (start, start + len(fact["answer"])) if answer_loss_only else None))
-        self.items += [(chunk, None) for chunk in replay_chunks(round(replay * len(self.items)))]
+                self.items.append((text, (start, start + len(fact["answer"])) if answer_loss_only else None, False))
+        self.items += [(chunk, None, True) for chunk in replay_chunks(round(replay * len(self.items)))]
         self.tokenizer = tokenizer
+        self.replay_target = replay_target
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[str, tuple[int, int] | None]:
+    def __getitem__(self, i: int) -> tuple[str, tuple[int, int] | None, bool]:
         return self.items[i]
 
-    def collate(self, items: list[tuple[str, tuple[int, int] | None]]) -> dict:
-        texts, spans = zip(*items)
+    def collate(self, items: list[tuple[str, tuple[int, int] | None, bool]]) -> dict:
+        texts, spans, replay = zip(*items)
         batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, return_offsets_mapping=True)
         offsets = batch.pop("offset_mapping")  # [B, T, 2] character span of each token
         keep = batch["attention_mask"].bool()
         for row, span in enumerate(spans):
             if span is not None:  # tokens overlapping the answer
                 keep[row] &= (offsets[row, :, 0] < span[1]) & (offsets[row, :, 1] > span[0])
+        if self.replay_target == "base":
+            batch["replay"] = torch.tensor(replay)  # [B]
+            keep[batch["replay"]] = False
         batch["labels"] = batch["input_ids"].masked_fill(~keep, -100)
         return dict(batch)
+
+
+class _ReplayTrainer(EngramTrainer):
+    """Cross-entropy on the labelled tokens plus, on replay rows, KL(base || model) of the next-token distributions.
+
+    The frozen `teacher` computes exactly what the model computed before training (a graft is exact, LoRA starts at
+    zero), so on general text the model is pulled back towards its own starting predictions rather than towards that
+    text's particular continuations ("learning without forgetting"). Each token counts once in the mean.
+    """
+
+    def __init__(self, *args, teacher: torch.nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        replay, labels = inputs.pop("replay"), inputs.pop("labels")  # [B], [B, T]
+        outputs = model(**inputs)
+        logits = outputs.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
+        targets = labels[:, 1:]
+        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        count = (targets != -100).sum()
+        if replay.any():
+            with torch.no_grad():
+                teacher = self.teacher(input_ids=inputs["input_ids"][replay], attention_mask=inputs["attention_mask"][replay])
+            reference = teacher.logits[:, :-1].float().log_softmax(-1)  # [R, T-1, V]
+            kl = (reference.exp() * (reference - logits[replay].log_softmax(-1))).sum(-1)  # [R, T-1]
+            real = inputs["attention_mask"][replay][:, 1:].bool()  # the next token is text, not padding
+            total = total + kl[real].sum()
+            count = count + real.sum()
+        loss = total / count.clamp_min(1)
+        return (loss, outputs) if return_outputs else loss
 
 
 def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
     """Train one mode in this (fresh) process and put its results on `queue`."""
     from peft import LoraConfig
 
-    from .training import EngramTrainer, empty_memory_, engram_lora, optimizer_state_bytes, set_trainable
+    from .training import empty_memory_, engram_lora, optimizer_state_bytes, set_trainable
 
     torch.manual_seed(args.seed)
     if args.threads:
@@ -193,9 +237,9 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
         )
         if args.memory_init == "empty":
             empty_memory_(model, seed=args.seed)
-        del base
+        teacher = base  # the graft computes exactly its base's function
     else:
-        model = base
+        model, (teacher, *_) = base, _load_base(args.model, args.tiny)  # peft wraps `base` in place: a second copy
     before = text_loss(model.eval(), tokenizer, general)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"], task_type="CAUSAL_LM")
@@ -205,7 +249,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
         from peft import get_peft_model
 
         model = engram_lora(model, lora) if "engram" in mode else get_peft_model(model, lora)
-    data = _FactData(tokenizer, facts, args.replay, answer_loss_only=args.loss == "answer")
+    data = _FactData(tokenizer, facts, args.replay, args.loss == "answer", args.replay_target)
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
             out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
@@ -213,9 +257,12 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
             save_strategy="no", report_to=[], logging_steps=max(1, args.steps // 10), use_cpu=True,
             disable_tqdm=True, seed=args.seed, dataloader_num_workers=0,
         )
-        trainer = EngramTrainer(
+        trainer_class, extra = EngramTrainer, {}
+        if args.replay_target == "base":
+            trainer_class, extra = _ReplayTrainer, {"teacher": teacher}
+        trainer = trainer_class(
             model=model, args=training, train_dataset=data, data_collator=data.collate,
-            table_optimizer=args.table_optimizer, engram_lr=args.engram_lr,
+            table_optimizer=args.table_optimizer, engram_lr=args.engram_lr, **extra,
         )
         start = time.perf_counter()
         trainer.train()
@@ -294,6 +341,8 @@ def add_parser(commands) -> None:
                         help="train on the answer tokens of each statement (default) or on all of its tokens")
     parser.add_argument("--replay", type=float, default=0.5,
                         help="general-text pieces mixed into training, per fact statement (other text than the probe)")
+    parser.add_argument("--replay-target", default="base", choices=["base", "text"],
+                        help="on replay text, keep the base model's predictions (KL, default) or learn the text itself")
     parser.add_argument("--memory-init", default="graft", choices=["empty", "graft"],
                         help="Engram start point: empty tables + random W_V (default) or the graft's random tables + zero W_V")
     parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from engram_hf.cli import main
 from engram_hf.knowledge import RELATIONS, _FactData, general_text, make_facts, replay_chunks
@@ -34,10 +35,12 @@ def test_statement_labels_cover_the_answer_only(answer_loss_only):
     tokenizer = smollm2_tokenizer()
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     facts = make_facts(10)
-    data = _FactData(tokenizer, facts, replay=0.5, answer_loss_only=answer_loss_only)
+    data = _FactData(tokenizer, facts, replay=0.5, answer_loss_only=answer_loss_only, replay_target="text")
     assert len(data) == 20 + 10  # two statements per fact, then replay pieces
     batch = data.collate([data[i] for i in range(len(data))])
-    for i, (text, _) in enumerate(data):
+    assert "replay" not in batch
+    for i, (text, _, replay) in enumerate(data):
+        assert replay == (i >= 20)
         labelled = tokenizer.decode(batch["input_ids"][i][batch["labels"][i] != -100])
         if i < 20 and answer_loss_only:
             assert labelled.strip() == facts[i // 2]["answer"], text
@@ -62,3 +65,55 @@ def test_knowledge_bench_smoke(tmp_path):
 def test_knowledge_bench_reports_a_failed_mode(tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         main(["knowledge-bench", "--model", str(tmp_path / "missing.gguf"), "--modes", "engram", "--out", str(tmp_path)])
+
+
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer()), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_replay_trainer_loss_matches_float64_reference(tmp_path):
+    """Cross-entropy on answer tokens plus KL(teacher || model) on replay rows, one mean over both kinds of token."""
+    from transformers import TrainingArguments
+
+    from engram_hf.knowledge import _ReplayTrainer
+
+    tokenizer = smollm2_tokenizer()
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    data = _FactData(tokenizer, make_facts(4), replay=0.5, replay_target="base")
+    batch = data.collate([data[i] for i in range(len(data))])
+    assert batch["replay"].tolist() == [False] * 8 + [True] * 4
+    assert (batch["labels"][batch["replay"]] == -100).all()  # replay rows: no cross-entropy
+
+    model, teacher = _tiny_llama(0), _tiny_llama(1)
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    trainer = _ReplayTrainer(model=model, args=args, teacher=teacher, data_collator=data.collate)
+    loss = trainer.compute_loss(model, batch)
+
+    with torch.no_grad():
+        student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        reference = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    total, count = 0.0, 0
+    for row in range(len(data)):
+        for t in range(batch["input_ids"].shape[1] - 1):
+            log_q = student[row, t].log_softmax(-1)
+            if batch["replay"][row] and batch["attention_mask"][row, t + 1]:
+                log_p = reference[row, t].log_softmax(-1)
+                total += float((log_p.exp() * (log_p - log_q)).sum())
+                count += 1
+            elif batch["labels"][row, t + 1] != -100:
+                total -= float(log_q[batch["labels"][row, t + 1]])
+                count += 1
+    assert count > 8 and loss.item() == pytest.approx(total / count, rel=1e-5)
+
+    # the teacher is the model before training: the KL part starts at zero, with (up to rounding) zero gradient
+    same = _ReplayTrainer(model=model, args=args, teacher=_tiny_llama(0), data_collator=data.collate)
+    replay_only = {k: v[batch["replay"]] for k, v in batch.items()}
+    zero = same.compute_loss(model, replay_only)
+    zero.backward()
+    assert zero.item() == 0.0
+    assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-6
