@@ -342,7 +342,7 @@ def _plot(results: dict, path: Path) -> bool:
     right.plot([r["log2_rows"] for r in sweep], [r["decode_ms_per_token"] for r in sweep], marker="o")
     right.set_xlabel("log2(table rows per layer)")
     right.set_ylabel("decode ms / token")
-    right.set_ylim(bottom=0)
+    right.set_ylim(0, 1.2 * max(r["decode_ms_per_token"] for r in sweep))
     right.set_title("O(1) lookup: decode time vs table size")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
