@@ -230,6 +230,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
     facts, general = make_facts(args.facts, args.seed), general_text()
+    distill = bool(args.replay) and args.replay_target == "base"  # replay held to the untrained model's predictions
     if "engram" in mode:
         model = engram_twin(
             base, tokenizer, engram_layer_ids=args.layers or [1, base.config.num_hidden_layers // 2],
@@ -238,8 +239,8 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
         if args.memory_init == "empty":
             empty_memory_(model, seed=args.seed)
         teacher = base  # the graft computes exactly its base's function
-    else:
-        model, (teacher, *_) = base, _load_base(args.model, args.tiny)  # peft wraps `base` in place: a second copy
+    else:  # peft wraps `base` in place: the teacher is a second copy
+        model, teacher = base, _load_base(args.model, args.tiny)[0] if distill else None
     before = text_loss(model.eval(), tokenizer, general)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"], task_type="CAUSAL_LM")
@@ -249,7 +250,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
         from peft import get_peft_model
 
         model = engram_lora(model, lora) if "engram" in mode else get_peft_model(model, lora)
-    data = _FactData(tokenizer, facts, args.replay, args.loss == "answer", args.replay_target)
+    data = _FactData(tokenizer, facts, args.replay, args.loss == "answer", "base" if distill else "text")
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
             out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
@@ -257,9 +258,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
             save_strategy="no", report_to=[], logging_steps=max(1, args.steps // 10), use_cpu=True,
             disable_tqdm=True, seed=args.seed, dataloader_num_workers=0,
         )
-        trainer_class, extra = EngramTrainer, {}
-        if args.replay_target == "base":
-            trainer_class, extra = _ReplayTrainer, {"teacher": teacher}
+        trainer_class, extra = (_ReplayTrainer, {"teacher": teacher}) if distill else (EngramTrainer, {})
         trainer = trainer_class(
             model=model, args=training, train_dataset=data, data_collator=data.collate,
             table_optimizer=args.table_optimizer, engram_lr=args.engram_lr, **extra,
