@@ -1,8 +1,8 @@
 """`engram-hf knowledge-bench`: teach a model synthetic facts with Engram-only, LoRA and LoRA + Engram fine-tuning.
 
 A deterministic set of fictional entity -> attribute facts is trained as statements (two phrasings per fact), mixed
-with pieces of general text (replay), and probed with a held-out question form. Engram models start from empty memory
-(`empty_memory_`) unless `--memory-init graft`. Each mode runs in a fresh process for the same number of steps with
+with pieces of general text (replay), and probed with a held-out question form. Engram models start from the graft
+init, or from `empty_memory_` with `--memory-init empty`. Each mode runs in a fresh process for the same number of steps with
 `EngramTrainer`; we report fact recall (every answer token is the greedy argmax after the probe), loss on other general
 text before and after (forgetting), wall time, peak RSS and optimizer-state bytes.
 """
@@ -209,7 +209,8 @@ class _ReplayTrainer(EngramTrainer):
             with torch.no_grad():
                 teacher = self.teacher(input_ids=inputs["input_ids"][replay], attention_mask=inputs["attention_mask"][replay])
             reference = teacher.logits[:, :-1].float().log_softmax(-1)  # [R, T-1, V]
-            kl = (reference.exp() * (reference - logits[replay].log_softmax(-1))).sum(-1)  # [R, T-1]
+            student = logits[replay].log_softmax(-1)
+            kl = F.kl_div(student, reference, reduction="none", log_target=True).sum(-1)  # [R, T-1]
             real = inputs["attention_mask"][replay][:, 1:].bool()  # the next token is text, not padding
             total = total + kl[real].sum()
             count = count + real.sum()
@@ -343,7 +344,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--replay-target", default="base", choices=["base", "text"],
                         help="on replay text, keep the base model's predictions (KL, default) or learn the text itself")
     parser.add_argument("--memory-init", default="graft", choices=["empty", "graft"],
-                        help="Engram start point: empty tables + random W_V (default) or the graft's random tables + zero W_V")
+                        help="Engram start point: the graft's random tables + zero W_V (default) or empty tables + random W_V")
     parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)

@@ -27,9 +27,9 @@ def empty_memory_(model: nn.Module, value_std: float | None = None, seed: int | 
     if not layers:
         raise ValueError("The model has no Engram layers.")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    std = value_std if value_std is not None else _initializer_range(model)
     for engram in layers:
         value_proj = getattr(engram.value_proj, "base_layer", engram.value_proj)  # a LoRA-wrapped W_V
-        std = value_std if value_std is not None else _initializer_range(model)
         weight = torch.randn(value_proj.weight.shape, generator=generator, dtype=torch.float32) * std
         value_proj.weight.copy_(weight)
         if value_proj.bias is not None:
