@@ -246,11 +246,11 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"], task_type="CAUSAL_LM")
     if mode == "engram":
-        set_trainable(model, "engram")
+        set_trainable(model, "engram" if args.train_engram == "all" else "tables")
     else:
         from peft import get_peft_model
 
-        model = engram_lora(model, lora) if "engram" in mode else get_peft_model(model, lora)
+        model = engram_lora(model, lora, args.train_engram) if "engram" in mode else get_peft_model(model, lora)
     data = _FactData(tokenizer, facts, args.replay, args.loss == "answer", "base" if distill else "text")
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
@@ -262,7 +262,8 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
         trainer_class, extra = (_ReplayTrainer, {"teacher": teacher}) if distill else (EngramTrainer, {})
         trainer = trainer_class(
             model=model, args=training, train_dataset=data, data_collator=data.collate,
-            table_optimizer=args.table_optimizer, engram_lr=args.engram_lr, **extra,
+            table_optimizer=args.table_optimizer, table_lr_multiplier=args.table_lr_multiplier,
+            engram_lr=args.engram_lr, **extra,
         )
         start = time.perf_counter()
         trainer.train()
@@ -336,6 +337,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="backbone / LoRA / dense Engram LR (tables: 5x)")
     parser.add_argument("--engram-lr", type=float, help="dense Engram LR (tables: 5x; default: --lr)")
     parser.add_argument("--table-optimizer", default="adam", choices=["adam", "rowwise_adagrad"])
+    parser.add_argument("--table-lr-multiplier", type=float, default=5.0, help="table LR = dense Engram LR x this")
+    parser.add_argument("--train-engram", default="all", choices=["all", "tables"],
+                        help="which Engram parameters train: all (default) or only the tables")
     parser.add_argument("--table-rows-per-head", type=int, default=65_537)
     parser.add_argument("--loss", default="answer", choices=["answer", "all"],
                         help="train on the answer tokens of each statement (default) or on all of its tokens")

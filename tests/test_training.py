@@ -222,15 +222,16 @@ def test_real_compression_map_addresses_other_rows(base, batch):
 # ---------------------------------------------------------------------------------------------------- empty memory
 
 
-def _train_engram(model, ids: torch.Tensor, steps: int = STEPS) -> None:
+def _train_engram(model, ids: torch.Tensor, steps: int = STEPS, mode: str = "engram") -> EngramOptimizer:
     model.train()
-    set_trainable(model, "engram")
+    set_trainable(model, mode)
     optimizer = build_optimizer(model, lr=1e-2, table_optimizer="adam")
     for _ in range(steps):
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
+    return optimizer
 
 
 def test_empty_memory_keeps_untrained_ngrams_exactly_base(batch):
@@ -260,6 +261,22 @@ def test_empty_memory_keeps_untrained_ngrams_exactly_base(batch):
 
     _train_engram(grafted, batch)
     assert not torch.allclose(_logits(grafted, other), base_logits["other"])  # random rows leak once W_V learns
+
+
+def test_tables_mode_trains_only_the_rows_of_the_text(batch):
+    """`set_trainable(model, "tables")` from empty memory: the loss falls, and nothing but the text's rows moved."""
+    model = tiny_model(FAMILY, engram_vocab_size=[20011, 30011])
+    empty_memory_(model, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_before = _loss(model, batch)
+    optimizer = _train_engram(model, batch, mode="tables")
+    assert [g["name"] for g in optimizer.param_groups] == ["engram_tables"]
+    assert _loss(model, batch) < loss_before - 0.5, (loss_before, _loss(model, batch))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(_tables(model))
+    hashed = _hashed_rows(model, batch[:, :-1])
+    for name, table in _tables(model).items():
+        assert _changed_rows(table, before[name]) == hashed[name], name
 
 
 def test_empty_memory_bad_input():
@@ -708,6 +725,17 @@ def test_engram_lora_trains_adapters_and_engram(base):
     assert any("lora_" in n for n in trainable) and any(".engram.value_proj.base_layer." in n for n in trainable)
     for name, flag in trainable.items():
         assert flag == ("lora_" in name or ".engram." in name), name
+
+
+def test_engram_lora_can_train_tables_only(base):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "value_proj"], task_type="CAUSAL_LM")
+    trainable = _trainable(engram_lora(_fresh(base), config, train_engram="tables"))
+    assert any(n.endswith(".engram.table.weight") for n in trainable)
+    for name, flag in trainable.items():
+        assert flag == ("lora_" in name or name.endswith(".engram.table.weight")), name
+    with pytest.raises(ValueError, match="train_engram"):
+        engram_lora(_fresh(base), config, train_engram="dense")
 
 
 def test_lora_trainer_writes_delta_and_resume_restores_it(lora_runs, base, tmp_path):

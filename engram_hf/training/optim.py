@@ -30,12 +30,23 @@ def set_sparse_tables(model: nn.Module, sparse: bool = True) -> None:
         table.sparse = sparse
 
 
+def is_engram_parameter(name: str, train_engram: str = "all") -> bool:
+    """Whether parameter `name` is an Engram parameter (`train_engram="all"`) or an Engram table (`"tables"`)."""
+    if train_engram not in ("all", "tables"):
+        raise ValueError(f"Unknown train_engram {train_engram!r}; use 'all' or 'tables'.")
+    return name.endswith(".engram.table.weight") if train_engram == "tables" else ".engram." in name
+
+
 def set_trainable(model: nn.Module, mode: str) -> None:
-    """`mode="engram"`: only Engram parameters train (backbone frozen); `mode="full"`: everything trains."""
-    if mode not in ("engram", "full"):
-        raise ValueError(f"Unknown training mode {mode!r}; use 'engram' or 'full' (LoRA: `engram_lora`).")
+    """Choose what trains: `"engram"` (Engram parameters; backbone frozen), `"tables"` or `"full"` (everything).
+
+    `"tables"` trains only the Engram tables: W_K, W_V, the norms and the conv keep their values, so after
+    `empty_memory_` training changes nothing but the rows of the n-grams it sees.
+    """
+    if mode not in ("engram", "tables", "full"):
+        raise ValueError(f"Unknown training mode {mode!r}; use 'engram', 'tables' or 'full' (LoRA: `engram_lora`).")
     for name, param in model.named_parameters():
-        param.requires_grad_(mode == "full" or ".engram." in name)
+        param.requires_grad_(mode == "full" or is_engram_parameter(name, "all" if mode == "engram" else mode))
 
 
 class EngramOptimizer(torch.optim.Optimizer):

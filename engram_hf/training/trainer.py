@@ -9,7 +9,7 @@ from torch import nn
 from transformers import Trainer
 
 from .delta import apply_engram_delta, has_engram_delta, save_engram_delta
-from .optim import EngramOptimizer, build_optimizer, clip_grad_norm_
+from .optim import EngramOptimizer, build_optimizer, clip_grad_norm_, is_engram_parameter
 
 
 class EngramTrainer(Trainer):
@@ -83,19 +83,22 @@ def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def _train_engram_parameters(peft_model: nn.Module) -> nn.Module:
+def _train_engram_parameters(peft_model: nn.Module, train_engram: str) -> nn.Module:
     """Unfreeze the Engram parameters that peft froze (LoRA adapters on Engram linears stay as peft set them)."""
     for name, param in peft_model.named_parameters():
-        if ".engram." in name and "lora_" not in name:
-            param.requires_grad_(True)
+        if "lora_" not in name and ".engram." in name:
+            param.requires_grad_(is_engram_parameter(name, train_engram))
     return peft_model
 
 
-def engram_lora(model: nn.Module, lora_config) -> nn.Module:
-    """Wrap an Engram model with peft LoRA, keeping its Engram parameters trainable next to the adapters."""
+def engram_lora(model: nn.Module, lora_config, train_engram: str = "all") -> nn.Module:
+    """Wrap an Engram model with peft LoRA, keeping its Engram parameters trainable next to the adapters.
+
+    `train_engram="tables"` keeps only the tables trainable (W_K, W_V, norms and conv frozen, as `set_trainable`).
+    """
     from peft import get_peft_model
 
-    return _train_engram_parameters(get_peft_model(model, lora_config))
+    return _train_engram_parameters(get_peft_model(model, lora_config), train_engram)
 
 
 def save_lora_engram(peft_model: nn.Module, save_directory: str | os.PathLike) -> None:
@@ -104,10 +107,15 @@ def save_lora_engram(peft_model: nn.Module, save_directory: str | os.PathLike) -
     save_engram_delta(peft_model, save_directory)
 
 
-def load_lora_engram(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> nn.Module:
-    """Load what `save_lora_engram` wrote onto the converted Engram base `model`; returns the `PeftModel`."""
+def load_lora_engram(
+    model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False, train_engram: str = "all"
+) -> nn.Module:
+    """Load what `save_lora_engram` wrote onto the converted Engram base `model`; returns the `PeftModel`.
+
+    With `is_trainable`, the adapters and the Engram parameters of `train_engram` (as in `engram_lora`) train on.
+    """
     from peft import PeftModel
 
     apply_engram_delta(model, directory)
     peft_model = PeftModel.from_pretrained(model, directory, is_trainable=is_trainable)
-    return _train_engram_parameters(peft_model) if is_trainable else peft_model
+    return _train_engram_parameters(peft_model, train_engram) if is_trainable else peft_model
