@@ -1,9 +1,9 @@
 """`engram-hf knowledge-bench`: teach a model synthetic facts with Engram-only, LoRA and LoRA + Engram fine-tuning.
 
 A deterministic set of fictional entity -> attribute facts is trained as statements (two phrasings per fact), mixed
-with pieces of general text (replay), and probed with a held-out question form. Engram models start from the graft
-init, or from `empty_memory_` with `--memory-init empty`. Each mode runs in a fresh process for the same number of steps with
-`EngramTrainer`; we report fact recall (every answer token is the greedy argmax after the probe), loss on other general
+with pieces of general text (replay), and probed with a held-out question form. By default Engram starts from
+`empty_memory_` and trains only its tables (row-wise Adagrad), so nothing but the rows of the trained n-grams changes.
+Each mode runs in a fresh process for the same number of steps with `EngramTrainer`; we report fact recall (every answer token is the greedy argmax after the probe), loss on other general
 text before and after (forgetting), wall time, peak RSS and optimizer-state bytes.
 """
 
@@ -52,6 +52,7 @@ RELATIONS = {
     ),
 }
 MODES = ("engram", "lora", "lora+engram")
+LOSSES = ("completion", "answer", "all")  # which statement tokens are labelled, see `_FactData`
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "tr", "zh"]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ou", "ia"]
 
@@ -144,22 +145,28 @@ def recall(model, tokenizer, facts: list[dict]) -> float:
 class _FactData(torch.utils.data.Dataset):
     """The fact statements, plus `replay` x as many pieces of general text (rehearsal against forgetting).
 
-    With `answer_loss_only`, a statement's loss covers only the tokens of its answer. Replay text is labelled in full
-    (`replay_target="text"`) or left unlabelled and marked in `batch["replay"]` (`"base"`: the trainer keeps the
-    model's predictions there close to the base model's, see `_ReplayTrainer`).
+    `loss` picks a statement's labelled tokens: `"completion"` the fact's second mention (the answer, or the entity
+    where the answer comes first, as in "{a} invented the {e}": an answer before its entity cannot be predicted, and
+    learning it only teaches "The" -> some name), `"answer"` the answer wherever it stands, `"all"` every token.
+    Replay text is labelled in full (`replay_target="text"`) or left unlabelled and marked in `batch["replay"]`
+    (`"base"`: the trainer keeps the model's predictions there close to the base model's, see `_ReplayTrainer`).
     """
 
     def __init__(
-        self, tokenizer, facts: list[dict], replay: float = 0.0, answer_loss_only: bool = True,
-        replay_target: str = "base",
+        self, tokenizer, facts: list[dict], replay: float = 0.0, loss: str = "completion", replay_target: str = "base",
     ):
-        # (text, answer character span or None, is replay text)
+        if loss not in LOSSES:
+            raise ValueError(f"Unknown statement loss {loss!r}; choose from {LOSSES}.")
+        # (text, labelled character span or None, is replay text)
         self.items: list[tuple[str, tuple[int, int] | None, bool]] = []
         for fact in facts:
+            values = {"{e}": fact["entity"], "{a}": fact["answer"]}
             for template in RELATIONS[fact["relation"]][0]:
                 text = template.format(e=fact["entity"], a=fact["answer"])
-                start = template.replace("{e}", fact["entity"]).index("{a}")
-                self.items.append((text, (start, start + len(fact["answer"])) if answer_loss_only else None, False))
+                target = "{a}" if loss != "completion" else max(values, key=template.index)
+                start = len(template.split(target)[0].format(e=fact["entity"], a=fact["answer"]))
+                span = (start, start + len(values[target])) if loss != "all" else None
+                self.items.append((text, span, False))
         self.items += [(chunk, None, True) for chunk in replay_chunks(round(replay * len(self.items)))]
         self.tokenizer = tokenizer
         self.replay_target = replay_target
@@ -251,7 +258,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
         from peft import get_peft_model
 
         model = engram_lora(model, lora, args.train_engram) if "engram" in mode else get_peft_model(model, lora)
-    data = _FactData(tokenizer, facts, args.replay, args.loss == "answer", "base" if distill else "text")
+    data = _FactData(tokenizer, facts, args.replay, args.loss, "base" if distill else "text")
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
             out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
@@ -331,24 +338,25 @@ def add_parser(commands) -> None:
     parser.add_argument("--model", help="local folder, .gguf file or Hub id (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--facts", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--facts", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="backbone / LoRA / dense Engram LR (tables: 5x)")
-    parser.add_argument("--engram-lr", type=float, help="dense Engram LR (tables: 5x; default: --lr)")
-    parser.add_argument("--table-optimizer", default="adam", choices=["adam", "rowwise_adagrad"])
-    parser.add_argument("--table-lr-multiplier", type=float, default=5.0, help="table LR = dense Engram LR x this")
-    parser.add_argument("--train-engram", default="all", choices=["all", "tables"],
-                        help="which Engram parameters train: all (default) or only the tables")
+    parser.add_argument("--lr", type=float, default=1e-3, help="backbone / LoRA LR")
+    parser.add_argument("--engram-lr", type=float, default=1e-2, help="dense Engram LR")
+    parser.add_argument("--table-optimizer", default="rowwise_adagrad", choices=["adam", "rowwise_adagrad"])
+    parser.add_argument("--table-lr-multiplier", type=float, default=100.0, help="table LR = --engram-lr x this")
+    parser.add_argument("--train-engram", default="tables", choices=["all", "tables"],
+                        help="which Engram parameters train: only the tables (default) or all")
     parser.add_argument("--table-rows-per-head", type=int, default=65_537)
-    parser.add_argument("--loss", default="answer", choices=["answer", "all"],
-                        help="train on the answer tokens of each statement (default) or on all of its tokens")
+    parser.add_argument("--loss", default="completion", choices=LOSSES,
+                        help="a statement's labelled tokens: its second mention (the answer, or the entity where the "
+                        "answer comes first; default), the answer wherever it stands, or every token")
     parser.add_argument("--replay", type=float, default=0.5,
                         help="general-text pieces mixed into training, per fact statement (other text than the probe)")
     parser.add_argument("--replay-target", default="base", choices=["base", "text"],
                         help="on replay text, keep the base model's predictions (KL, default) or learn the text itself")
-    parser.add_argument("--memory-init", default="graft", choices=["empty", "graft"],
-                        help="Engram start point: the graft's random tables + zero W_V (default) or empty tables + random W_V")
+    parser.add_argument("--memory-init", default="empty", choices=["empty", "graft"],
+                        help="Engram start point: empty tables + random W_V (default) or the graft's random tables + zero W_V")
     parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)

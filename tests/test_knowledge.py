@@ -30,22 +30,30 @@ def test_replay_text_is_not_the_probe_text():
         general_text("train")
 
 
-@pytest.mark.parametrize("answer_loss_only", [True, False])
-def test_statement_labels_cover_the_answer_only(answer_loss_only):
+@pytest.mark.parametrize("loss", ["completion", "answer", "all"])
+def test_statement_labels(loss):
     tokenizer = smollm2_tokenizer()
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     facts = make_facts(10)
-    data = _FactData(tokenizer, facts, replay=0.5, answer_loss_only=answer_loss_only, replay_target="text")
+    data = _FactData(tokenizer, facts, replay=0.5, loss=loss, replay_target="text")
     assert len(data) == 20 + 10  # two statements per fact, then replay pieces
     batch = data.collate([data[i] for i in range(len(data))])
     assert "replay" not in batch
+    reversed_statements = 0
     for i, (text, _, replay) in enumerate(data):
         assert replay == (i >= 20)
         labelled = tokenizer.decode(batch["input_ids"][i][batch["labels"][i] != -100])
-        if i < 20 and answer_loss_only:
-            assert labelled.strip() == facts[i // 2]["answer"], text
-        else:  # replay text (and statements with answer_loss_only=False): every real token
+        if i >= 20 or loss == "all":  # replay text, and every statement token with loss="all"
             assert labelled == text
+            continue
+        fact = facts[i // 2]
+        answer_first = text.index(fact["answer"]) < text.index(fact["entity"])  # "{a} invented the {e}."
+        reversed_statements += answer_first
+        expected = fact["entity"] if loss == "completion" and answer_first else fact["answer"]
+        assert labelled.strip() == expected, text
+    assert loss == "all" or reversed_statements >= 2  # both kinds of statement were checked
+    with pytest.raises(ValueError, match="statement loss"):
+        _FactData(tokenizer, facts, loss="answers")
 
 
 def test_knowledge_bench_smoke(tmp_path):
