@@ -27,6 +27,7 @@ from transformers import TrainingArguments
 
 from .bench import _load_base, engram_twin
 from .training import EngramTrainer
+from .training.optim import engram_tables
 
 # relation: (two training statements, held-out question + answer stem); the answer follows the stem
 RELATIONS = {
@@ -197,32 +198,58 @@ class _ReplayTrainer(EngramTrainer):
 
     The frozen `teacher` computes exactly what the model computed before training (a graft is exact, LoRA starts at
     zero), so on general text the model is pulled back towards its own starting predictions rather than towards that
-    text's particular continuations ("learning without forgetting"). Each token counts once in the mean.
+    text's particular continuations ("learning without forgetting"). Each token counts once in the mean. With
+    `replay_tables=False` the replay rows run in a second forward pass whose table lookups take no gradient: the tables
+    cannot learn to undo the rest of the model's drift on the replay text's own n-grams (a patch that does not carry
+    over to other text).
     """
 
-    def __init__(self, *args, teacher: torch.nn.Module, **kwargs):
+    def __init__(self, *args, teacher: torch.nn.Module, replay_tables: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
+        self.replay_tables = replay_tables
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         replay, labels = inputs.pop("replay"), inputs.pop("labels")  # [B], [B, T]
-        outputs = model(**inputs)
-        logits = outputs.logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
-        targets = labels[:, 1:]
-        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        count = (targets != -100).sum()
-        if replay.any():
-            with torch.no_grad():
-                teacher = self.teacher(input_ids=inputs["input_ids"][replay], attention_mask=inputs["attention_mask"][replay])
-            reference = teacher.logits[:, :-1].float().log_softmax(-1)  # [R, T-1, V]
-            student = logits[replay].log_softmax(-1)
-            kl = F.kl_div(student, reference, reduction="none", log_target=True).sum(-1)  # [R, T-1]
-            real = inputs["attention_mask"][replay][:, 1:].bool()  # the next token is text, not padding
-            total = total + kl[real].sum()
-            count = count + real.sum()
+        parts = [(torch.ones_like(replay), True)] if self.replay_tables else [(~replay, True), (replay, False)]
+        total, count, outputs = 0.0, 0, None
+        for rows, tables_learn in parts:
+            if not rows.any():
+                continue
+            with contextlib.nullcontext() if tables_learn else _frozen(engram_tables(model)):
+                part = model(**{key: value[rows] for key, value in inputs.items()})
+            outputs = part if outputs is None else outputs
+            logits = part.logits[:, :-1].float()  # [b, T-1, V]: position t predicts token t+1
+            targets = labels[rows][:, 1:]
+            total = total + F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            count = count + (targets != -100).sum()
+            kept = replay[rows]
+            if kept.any():
+                mask = inputs["attention_mask"][rows][kept]
+                with torch.no_grad():
+                    teacher = self.teacher(input_ids=inputs["input_ids"][rows][kept], attention_mask=mask)
+                reference = teacher.logits[:, :-1].float().log_softmax(-1)  # [R, T-1, V]
+                student = logits[kept].log_softmax(-1)
+                kl = F.kl_div(student, reference, reduction="none", log_target=True).sum(-1)  # [R, T-1]
+                real = mask[:, 1:].bool()  # the next token is text, not padding
+                total = total + kl[real].sum()
+                count = count + real.sum()
         loss = total / count.clamp_min(1)
         return (loss, outputs) if return_outputs else loss
+
+
+@contextlib.contextmanager
+def _frozen(modules: list[torch.nn.Module]):
+    """Parameters of `modules` take no gradient inside the block."""
+    flags = [p.requires_grad for m in modules for p in m.parameters()]
+    for module in modules:
+        module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip((p for m in modules for p in m.parameters()), flags):
+            param.requires_grad_(flag)
 
 
 def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
@@ -266,7 +293,10 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
             save_strategy="no", report_to=[], logging_steps=max(1, args.steps // 10), use_cpu=True,
             disable_tqdm=True, seed=args.seed, dataloader_num_workers=0,
         )
-        trainer_class, extra = (_ReplayTrainer, {"teacher": teacher}) if distill else (EngramTrainer, {})
+        trainer_class, extra = (
+            (_ReplayTrainer, {"teacher": teacher, "replay_tables": args.replay_tables == "learn"})
+            if distill else (EngramTrainer, {})
+        )
         trainer = trainer_class(
             model=model, args=training, train_dataset=data, data_collator=data.collate,
             table_optimizer=args.table_optimizer, table_lr_multiplier=args.table_lr_multiplier,
@@ -355,6 +385,8 @@ def add_parser(commands) -> None:
                         help="general-text pieces mixed into training, per fact statement (other text than the probe)")
     parser.add_argument("--replay-target", default="base", choices=["base", "text"],
                         help="on replay text, keep the base model's predictions (KL, default) or learn the text itself")
+    parser.add_argument("--replay-tables", default="learn", choices=["learn", "frozen"],
+                        help="whether Engram tables learn from the KL replay rows (frozen: only the rest of the model)")
     parser.add_argument("--memory-init", default="empty", choices=["empty", "graft"],
                         help="Engram start point: empty tables + random W_V (default) or the graft's random tables + zero W_V")
     parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")

@@ -125,3 +125,39 @@ def test_replay_trainer_loss_matches_float64_reference(tmp_path):
     zero.backward()
     assert zero.item() == 0.0
     assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-6
+
+
+def test_replay_trainer_can_keep_tables_out_of_replay(tmp_path):
+    """`replay_tables=False`: the same loss, but the replay rows' KL reaches every parameter except the tables."""
+    from transformers import TrainingArguments
+
+    from engram_hf.bench import engram_twin
+    from engram_hf.knowledge import _ReplayTrainer
+    from engram_hf.training import empty_memory_
+    from engram_hf.training.optim import engram_tables
+
+    tokenizer = smollm2_tokenizer()
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    data = _FactData(tokenizer, make_facts(4), replay=0.5, replay_target="base")
+    batch = data.collate([data[i] for i in range(len(data))])
+    model = empty_memory_(engram_twin(_tiny_llama(0), tokenizer, engram_layer_ids=[0, 1],
+                                      engram_vocab_size=[1009, 1009]), seed=0)
+    for table in engram_tables(model):
+        torch.nn.init.normal_(table.weight, std=0.1)  # memory that already learned something
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    losses = {}
+    for replay_tables in (True, False):
+        trainer = _ReplayTrainer(model=model, args=args, teacher=_tiny_llama(1), data_collator=data.collate,
+                                 replay_tables=replay_tables)
+        losses[replay_tables] = trainer.compute_loss(model, batch).item()
+        model.zero_grad(set_to_none=True)
+        trainer.compute_loss(model, {k: v[batch["replay"]] for k, v in batch.items()}).backward()
+        table_grads = [table.weight.grad for table in engram_tables(model)]
+        assert all(table.weight.requires_grad for table in engram_tables(model))  # restored after the pass
+        if replay_tables:
+            assert all(g is not None and g.to_dense().abs().sum() > 0 for g in table_grads)
+        else:
+            assert all(g is None for g in table_grads)
+        others = [p.grad for n, p in model.named_parameters() if "engram.table" not in n]
+        assert sum(float(g.abs().sum()) for g in others if g is not None) > 0
+    assert losses[False] == pytest.approx(losses[True], rel=1e-5)
