@@ -385,8 +385,8 @@ def add_parser(commands) -> None:
                         help="general-text pieces mixed into training, per fact statement (other text than the probe)")
     parser.add_argument("--replay-target", default="base", choices=["base", "text"],
                         help="on replay text, keep the base model's predictions (KL, default) or learn the text itself")
-    parser.add_argument("--replay-tables", default="learn", choices=["learn", "frozen"],
-                        help="whether Engram tables learn from the KL replay rows (frozen: only the rest of the model)")
+    parser.add_argument("--replay-tables", default="frozen", choices=["frozen", "learn"],
+                        help="KL replay rows train everything but the Engram tables (default) or the tables too")
     parser.add_argument("--memory-init", default="empty", choices=["empty", "graft"],
                         help="Engram start point: empty tables + random W_V (default) or the graft's random tables + zero W_V")
     parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")
