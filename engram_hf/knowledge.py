@@ -3,8 +3,9 @@
 A deterministic set of fictional entity -> attribute facts is trained as statements (two phrasings per fact), mixed
 with pieces of general text (replay), and probed with a held-out question form. By default Engram starts from
 `empty_memory_` and trains only its tables (row-wise Adagrad), so nothing but the rows of the trained n-grams changes.
-Each mode runs in a fresh process for the same number of steps with `EngramTrainer`; we report fact recall (every answer token is the greedy argmax after the probe), loss on other general
-text before and after (forgetting), wall time, peak RSS and optimizer-state bytes.
+Each mode runs in a fresh process for the same number of steps with `EngramTrainer`; we report fact recall (every
+answer token is the greedy argmax after the probe), loss on other general text before and after (forgetting), wall
+time, peak RSS and optimizer-state bytes.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class _ReplayTrainer(EngramTrainer):
                 continue
             with contextlib.nullcontext() if tables_learn else _frozen(engram_tables(model)):
                 part = model(**{key: value[rows] for key, value in inputs.items()})
-            outputs = part if outputs is None else outputs
+            outputs = part if outputs is None else outputs  # with the tables frozen on replay: the first part's
             logits = part.logits[:, :-1].float()  # [b, T-1, V]: position t predicts token t+1
             targets = labels[rows][:, 1:]
             total = total + F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
@@ -388,7 +389,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--replay-tables", default="frozen", choices=["frozen", "learn"],
                         help="KL replay rows train everything but the Engram tables (default) or the tables too")
     parser.add_argument("--memory-init", default="empty", choices=["empty", "graft"],
-                        help="Engram start point: empty tables + random W_V (default) or the graft's random tables + zero W_V")
+                        help="Engram start point: empty tables + random W_V (default) or the graft's random tables "
+                        "+ zero W_V")
     parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
