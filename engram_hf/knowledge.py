@@ -220,7 +220,7 @@ class _ReplayTrainer(EngramTrainer):
                 continue
             with contextlib.nullcontext() if tables_learn else _frozen(engram_tables(model)):
                 part = model(**{key: value[rows] for key, value in inputs.items()})
-            outputs = part if outputs is None else outputs  # with the tables frozen on replay: the first part's
+            outputs = part if outputs is None else outputs  # returned: the first part's (fact rows if split)
             logits = part.logits[:, :-1].float()  # [b, T-1, V]: position t predicts token t+1
             targets = labels[rows][:, 1:]
             total = total + F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")

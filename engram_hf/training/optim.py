@@ -191,7 +191,7 @@ def build_optimizer(
         if id(param) in table_params:
             key = "engram_tables"
         else:
-            key = ("engram" if ".engram." in name else "backbone") + ("_no_decay" if param.dim() < 2 else "")
+            key = ("engram" if is_engram_parameter(name) else "backbone") + ("_no_decay" if param.dim() < 2 else "")
         groups[key]["params"].append(param)
     param_groups = [group for group in groups.values() if group["params"]]
     if not param_groups:

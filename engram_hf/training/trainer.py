@@ -86,7 +86,7 @@ def _is_peft(model: nn.Module) -> bool:
 def _train_engram_parameters(peft_model: nn.Module, train_engram: str) -> nn.Module:
     """Unfreeze the Engram parameters that peft froze (LoRA adapters on Engram linears stay as peft set them)."""
     for name, param in peft_model.named_parameters():
-        if "lora_" not in name and ".engram." in name:
+        if "lora_" not in name and is_engram_parameter(name):
             param.requires_grad_(is_engram_parameter(name, train_engram))
     return peft_model
 
