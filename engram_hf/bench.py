@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 
 from .conversion.graft import FAMILIES
 from .modeling.hashing_engram import NgramHasher, layer_multipliers
+from .modeling.integration_engram import CACHE_KWARG, output_cache
 from .tokenization.tokenization_engram import build_compression_map
 
 _DROP_KEYS = {"model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
@@ -99,10 +100,10 @@ def _timed_round(
     prefill_s, step_s, caches, tokens = {}, {label: [] for label in models}, {}, {}
     for label, model in models.items():
         out, prefill_s[label] = timed(partial(model, prompt, use_cache=True, logits_to_keep=1))
-        caches[label], tokens[label] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        caches[label], tokens[label] = output_cache(out), out.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens):
         for label, model in models.items():
-            out, seconds = timed(partial(model, tokens[label], past_key_values=caches[label], use_cache=True))
+            out, seconds = timed(partial(model, tokens[label], **{CACHE_KWARG: caches[label]}, use_cache=True))
             tokens[label] = out.logits[:, -1:].argmax(-1)
             step_s[label].append(seconds)
     return prefill_s, step_s

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from .integration_engram import get_conv_state
+
 # Cache state of an Engram layer's ShortConv input history (the first Engram layer also holds the token-id history)
 CONV_STATE = 0
 
@@ -55,7 +57,7 @@ class EngramShortConv(nn.Module):
         self,
         values: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         layer_idx: int | None = None,
     ) -> torch.Tensor:
         """values `[B, T, M, d]` -> `[B, T, M, d]`; positions with `padding_mask == 0` feed zeros to the conv."""
@@ -64,10 +66,10 @@ class EngramShortConv(nn.Module):
         if padding_mask is not None:
             normed = normed * padding_mask[:, -seq:, None].to(normed.dtype)
         x = normed.transpose(1, 2)  # [B, M*d, T]
-        if past_key_values is None or past_key_values.get_conv_state(layer_idx, CONV_STATE) is None:
+        if cache is None or get_conv_state(cache, layer_idx, CONV_STATE) is None:
             x = F.pad(x, (self.history, 0))  # zeros before the start (with a cache: kept as the first history)
-        if past_key_values is not None:
-            x = past_key_values.update_conv_state(x, layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.history)
+        if cache is not None:
+            x = cache.update_conv_state(x, layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.history)
         # depthwise dilated conv as one multiply-add over the taps (nn.Conv1d's oneDNN path costs far more per step)
         taps = x[..., -(self.history + seq) :].unfold(-1, self.history + 1, 1)[..., :: self.conv.dilation[0]]
         y = F.silu((taps * self.conv.weight).sum(-1))  # taps [B, M*d, T, k] * weight [M*d, 1, k] -> [B, M*d, T]
@@ -146,7 +148,7 @@ class EngramLayer(nn.Module):
         hidden_states: torch.Tensor,
         memory: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """hidden_states `[B, T, M, d]`, memory `[B, T, d_mem]` -> `[B, T, M, d]`."""
         memory = memory.to(device=hidden_states.device, dtype=self.value_proj.weight.dtype)
@@ -158,5 +160,5 @@ class EngramLayer(nn.Module):
         gated = gate * self.value_proj(memory).unsqueeze(2)  # [B, T, M, d]
         if self.short_conv is None:
             return gated.to(hidden_states.dtype)
-        out = gated + self.short_conv(gated, padding_mask, past_key_values, self.layer_idx)
+        out = gated + self.short_conv(gated, padding_mask, cache, self.layer_idx)
         return out.to(hidden_states.dtype)

@@ -9,39 +9,21 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import (
-    Cache,
-    DynamicCache,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    LinearAttentionAndFullAttentionLayer,
-    LinearAttentionAndSlidingWindowAttentionLayer,
-    LinearAttentionCacheLayerMixin,
-)
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
-from transformers.integrations.accelerate import _get_device_map
+from transformers.cache_utils import Cache, DynamicCache
 
 from .configuration_engram import EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config
 from .hashing_engram import NgramHasher
-from .layer_engram import CONV_STATE, EngramLayer, EngramTable
-
-
-def _engram_cache_layer(layer, number_of_states: int):
-    """A cache layer that also holds Engram states, replacing a still-empty attention-only layer."""
-    if isinstance(layer, LinearAttentionCacheLayerMixin):
-        return layer
-    if getattr(layer, "is_initialized", False):
-        raise ValueError("This cache was filled by a model without Engram; start generation with a fresh cache.")
-    if isinstance(layer, DynamicSlidingWindowLayer):
-        new = LinearAttentionAndSlidingWindowAttentionLayer(layer.sliding_window, number_of_states=number_of_states)
-    elif type(layer) is DynamicLayer:
-        new = LinearAttentionAndFullAttentionLayer(number_of_states=number_of_states)
-    else:
-        raise NotImplementedError(f"Engram models support dynamic caches only, got a {type(layer).__name__} layer.")
-    if getattr(layer, "record_past", False):
-        new.activate_past_recording()
-    return new
+from .integration_engram import (
+    CACHE_KWARG,
+    PreTrainedHooks,
+    add_state_layers,
+    check_cache_argument,
+    get_conv_state,
+    transformers_device_map,
+    pop_cache,
+    register_table_parts_conversion,
+)
+from .layer_engram import EngramLayer, EngramTable
 
 
 def keep_tables_on_host(model: nn.Module, device_map: dict) -> dict:
@@ -84,73 +66,16 @@ def plan_device_map(model: nn.Module, strategy: str, max_memory: dict | None = N
     """
     tables = [module for module in model.modules() if isinstance(module, EngramTable) and module.keep_on_host]
     weights = [table.weight for table in tables]
-    model._no_split_modules = {*(model._no_split_modules or ()), *(
-        type(module).__name__ for module in model.modules() if isinstance(module, EngramDecoderLayerMixin)
-    )}
+    whole = {type(module).__name__ for module in model.modules() if isinstance(module, EngramDecoderLayerMixin)}
     try:
         for table in tables:
             stand_in = table.weight.new_empty(0, table.embedding_dim, device="meta")
             table.weight = nn.Parameter(stand_in, requires_grad=False)
-        device_map = _get_device_map(model, strategy, max_memory, hf_quantizer)
+        device_map = transformers_device_map(model, strategy, max_memory, hf_quantizer, whole)
     finally:
         for table, weight in zip(tables, weights):
             table.weight = weight
-    return keep_tables_on_host(model, dict(device_map))
-
-
-# A table larger than a shard is stored as row slices `...engram.table.weight.part.<i>` (see the converter).
-TABLE_PART_PATTERN = r"engram\.table\.weight\.part\.\d+$"
-TABLE_KEY = "engram.table.weight"
-
-
-class ConcatenateRows(ConversionOps):
-    """Row slices -> one tensor, copied slice by slice into a buffer whose pages are committed as they are filled.
-
-    Each slice is dropped once copied, so a table converted at load (to another dtype, say) is never held twice.
-    """
-
-    @torch.no_grad()
-    def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
-        parts = [part for pattern in source_patterns for part in input_dict.pop(pattern, [])][::-1]
-        table = parts[-1].new_empty((sum(len(part) for part in parts), *parts[-1].shape[1:]))
-        start = 0
-        while parts:
-            part = parts.pop()
-            table[start : start + len(part)].copy_(part)
-            start += len(part)
-        return {target_patterns[0]: table}
-
-
-class EngramTablePartsConverter(WeightConverter):
-    """Loads a table stored as row slices `...engram.table.weight.part.<i>` as the whole `...engram.table.weight`.
-
-    Reassembled on the CPU (tables stay in host memory); saving keeps the table whole (the reverse is the identity).
-    """
-
-    __slots__ = ()
-
-    def __init__(
-        self,
-        source_patterns: str | list[str] = TABLE_PART_PATTERN,
-        target_patterns: str | list[str] = TABLE_KEY,
-        operations: list[ConversionOps] | None = None,
-        force_cpu: bool = True,
-    ):
-        super().__init__(source_patterns, target_patterns, operations or [ConcatenateRows()], force_cpu=force_cpu)
-
-    def reverse_transform(self) -> WeightRenaming:
-        return WeightRenaming(self._original_target_patterns, self._original_target_patterns)
-
-
-def register_table_parts_conversion(model_type: str) -> None:
-    """Register `EngramTablePartsConverter` for `model_type` with transformers' checkpoint conversion mappings, which
-    `from_pretrained` applies (also to remote code: this runs when the remote module is imported)."""
-    others = [
-        transform
-        for transform in get_checkpoint_conversion_mapping(model_type) or []
-        if type(transform).__name__ != EngramTablePartsConverter.__name__  # this module may be imported more than once
-    ]
-    register_checkpoint_conversion_mapping(model_type, [*others, EngramTablePartsConverter()], overwrite=True)
+    return keep_tables_on_host(model, device_map)
 
 
 for _config_class in (EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config):
@@ -170,38 +95,31 @@ class EngramDecoderLayerMixin:
         *args,
         engram_memory: dict[int, torch.Tensor] | None = None,
         engram_padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        cache = pop_cache(kwargs)  # passed as `cache` or `cache`, depending on the transformers version
         memory = engram_memory[self.engram.layer_idx]  # [B, T, d_mem]
-        update = self.engram(hidden_states.unsqueeze(2), memory, engram_padding_mask, past_key_values)
+        update = self.engram(hidden_states.unsqueeze(2), memory, engram_padding_mask, cache)
         hidden_states = hidden_states + update.squeeze(2)
-        return super().forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
+        return super().forward(hidden_states, *args, **{CACHE_KWARG: cache}, **kwargs)
 
 
-class EngramPreTrainedMixin:
+class EngramPreTrainedMixin(PreTrainedHooks):
     """Engram init, load-time map check and remote-code saving, mixed before the family's `PreTrainedModel`."""
 
     # {"AutoModel": class name, "AutoModelForCausalLM": class name} of the family module
     engram_auto_classes: dict[str, str] = {}
-    # Engram tables stay in host memory (spec §6), out of every device_map. transformers reads this attribute: with it,
-    # accelerate's dispatch accepts a device_map that does not cover the tables (see `plan_device_map` for "auto").
-    _no_placement_params = ["engram.table.weight"]
 
-    @staticmethod
-    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
-        device_map = load_config.device_map  # the same dict object that accelerate dispatch receives afterwards
+    def engram_adjust_device_map(self, device_map: dict, hf_quantizer=None) -> None:
+        """Edit the final `device_map` of a `from_pretrained` call in place so that no entry covers a table."""
         request = _device_map_request.get()
-        if device_map is not None and request is not None:  # "auto" & co.: planned again, without the tables
+        if request is not None:  # "auto" & co.: planned again, without the tables
             _device_map_request.set(None)
-            plan = plan_device_map(model, *request, load_config.hf_quantizer)
+            plan = plan_device_map(self, *request, hf_quantizer)
             device_map.clear()
             device_map.update(plan)
-        elif device_map is not None:
-            keep_tables_on_host(model, device_map)
-        return super(EngramPreTrainedMixin, type(model))._load_pretrained_model(
-            model, state_dict, checkpoint_files, load_config, *args, **kwargs
-        )
+        else:
+            keep_tables_on_host(self, device_map)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -245,22 +163,15 @@ class EngramPreTrainedMixin:
     def get_engram_hasher(self) -> NgramHasher:
         return self.get_decoder().engram_hasher
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+    def engram_prepare_generation_cache(self, cache: Cache, recording: bool) -> None:
         """Swap in the Engram cache layers before `generate` marks the cache for past recording.
 
         Assisted decoding calls `activate_past_recording` on the cache before the prefill; a plain `DynamicLayer` has no
         such flag, so a layer swapped in lazily at the first forward would not record its states and `crop` would fail.
         """
-        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if isinstance(cache, Cache):
-            recording = getattr(generation_config, "is_assistant", False) or any(
-                getattr(layer, "record_past", False) for layer in cache.layers
-            )
-            self.get_decoder().prepare_engram_cache(cache)
-            if recording:
-                cache.activate_past_recording()
-        return result
+        self.get_decoder().prepare_engram_cache(cache)
+        if recording:
+            cache.activate_past_recording()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -310,6 +221,7 @@ class EngramModelMixin:
     decoder_layer_class: type
 
     def __init__(self, config):
+        check_cache_argument(super().forward, super(EngramDecoderLayerMixin, self.decoder_layer_class).forward)
         super().__init__(config)
         self.engram_hasher = NgramHasher.from_config(config)
         for layer_idx in config.engram_layer_ids:
@@ -325,43 +237,37 @@ class EngramModelMixin:
         self.engram_id_state = conv
         self.post_init()  # initialises only the modules added above
 
-    def prepare_engram_cache(self, past_key_values: Cache) -> None:
+    def prepare_engram_cache(self, cache: Cache) -> None:
         """Give every Engram layer that keeps a state (the ShortConv history; for the first, also the id history) a
         cache layer that can hold it."""
-        layers = past_key_values.layers
-        if past_key_values.layer_class_to_replicate is not None:
-            while len(layers) <= max(self.engram_layer_ids):
-                layers.append(past_key_values.layer_class_to_replicate())
-        for layer_idx, n_states in self.engram_cache_states.items():
-            if n_states:
-                layers[layer_idx] = _engram_cache_layer(layers[layer_idx], n_states)
+        add_state_layers(cache, self.engram_cache_states)
 
-    def _engram_window(self, compressed: torch.Tensor, past_key_values: Cache) -> torch.Tensor:
+    def _engram_window(self, compressed: torch.Tensor, cache: Cache) -> torch.Tensor:
         """Push `[B, T]` compressed ids into the cache; return them after the N-1 ids before them, `[B, N-1+T]`."""
         hasher, seq, first = self.engram_hasher, compressed.shape[1], self.engram_layer_ids[0]
-        self.prepare_engram_cache(past_key_values)
-        if past_key_values.get_conv_state(first, self.engram_id_state) is None:  # before the start: the pad id
+        self.prepare_engram_cache(cache)
+        if get_conv_state(cache, first, self.engram_id_state) is None:  # before the start: the pad id
             compressed = torch.cat([hasher.pad_context(compressed.shape[0]), compressed], dim=1)
-        window = past_key_values.update_conv_state(
+        window = cache.update_conv_state(
             compressed, first, state_idx=self.engram_id_state, conv_kernel_size=hasher.context_size
         )
         return window[:, -(hasher.context_size + seq) :]
 
     def engram_hash(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
     ) -> torch.Tensor:
         """`[B, T, L, (N-1)*K]` row ids (before offsets) of new raw `[B, T]` ids, which join the id history."""
         hasher = self.engram_hasher
         compressed = hasher.compress(input_ids, attention_mask)  # [B, T]
-        if past_key_values is None:
+        if cache is None:
             return hasher.hash_compressed(compressed)
-        return hasher.hash_window(self._engram_window(compressed, past_key_values))
+        return hasher.hash_window(self._engram_window(compressed, cache))
 
     def engram_memory(
         self,
         input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         engram_hash_ids: torch.Tensor | None,
     ) -> dict[int, torch.Tensor]:
         """Hash the new tokens for all Engram layers and look up their rows: `{layer_id: [B, T, d_mem]}`."""
@@ -372,9 +278,9 @@ class EngramModelMixin:
                     "Engram models hash token ids: pass `input_ids` (or precomputed `engram_hash_ids`), "
                     "not only `inputs_embeds`."
                 )
-            engram_hash_ids = self.engram_hash(input_ids, attention_mask, past_key_values)  # [B, T, L, (N-1)*K]
-        elif past_key_values is not None and input_ids is not None:
-            self._engram_window(hasher.compress(input_ids, attention_mask), past_key_values)
+            engram_hash_ids = self.engram_hash(input_ids, attention_mask, cache)  # [B, T, L, (N-1)*K]
+        elif cache is not None and input_ids is not None:
+            self._engram_window(hasher.compress(input_ids, attention_mask), cache)
         rows = engram_hash_ids + hasher.offsets  # [B, T, L, (N-1)*K] global rows
         device = engram_hash_ids.device  # prefetch every layer's rows here, at forward entry
         engrams = [self.layers[layer_idx].engram for layer_idx in self.engram_layer_ids]
@@ -388,7 +294,7 @@ class EngramModelMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         engram_hash_ids: torch.LongTensor | None = None,
@@ -399,20 +305,22 @@ class EngramModelMixin:
             Per-head row ids precomputed by `NgramHasher.hash_compressed` (e.g. in a data collator); by default they
             are computed here from `input_ids` and `attention_mask`.
         """
+        cache = pop_cache({**kwargs, "cache": cache})  # taken as `cache` or `past_key_values`, whatever the version
+        kwargs.pop("past_key_values", None)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         padding_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-        memory = self.engram_memory(input_ids, padding_mask, past_key_values, engram_hash_ids)
+        memory = self.engram_memory(input_ids, padding_mask, cache, engram_hash_ids)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             engram_memory=memory,
             engram_padding_mask=padding_mask,
+            **{CACHE_KWARG: cache},
             **kwargs,
         )
 

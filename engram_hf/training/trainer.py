@@ -8,11 +8,12 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..modeling.integration_engram import TrainerHooks
 from .delta import apply_engram_delta, has_engram_delta, save_engram_delta
 from .optim import EngramOptimizer, build_optimizer, clip_grad_norm_, is_engram_parameter
 
 
-class EngramTrainer(Trainer):
+class EngramTrainer(TrainerHooks, Trainer):
     """A `Trainer` that builds the Engram optimizer groups and clips sparse table gradients correctly.
 
     Tables train with `table_optimizer` at `engram_lr * table_lr_multiplier` without weight decay, dense Engram
@@ -58,25 +59,26 @@ class EngramTrainer(Trainer):
             )
         return self.optimizer
 
-    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+    def engram_clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """The training step's clipping: the global norm over dense and sparse gradients."""
         self.accelerator.unscale_gradients()  # fp16 loss scaling: clip the true gradients
         return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
 
-    def _get_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | None = None) -> float:
+    def engram_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | None = None) -> float:
+        """The logged gradient norm (sparse gradients included)."""
         if grad_norm is None:
             grad_norm = clip_grad_norm_(model.parameters(), float("inf"))
         return float(grad_norm)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict)
+    def engram_after_save(self, output_dir: str) -> None:
+        """A peft model's checkpoint also holds the Engram delta."""
         if _is_peft(self.model) and self.args.should_save:
-            save_engram_delta(self.model, output_dir if output_dir is not None else self.args.output_dir)
+            save_engram_delta(self.model, output_dir)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        model = self.model if model is None else model
-        if _is_peft(model) and has_engram_delta(resume_from_checkpoint):
-            apply_engram_delta(model, resume_from_checkpoint)
+    def engram_after_load(self, checkpoint: str, model: nn.Module) -> None:
+        """Resuming a peft model restores its Engram delta."""
+        if _is_peft(model) and has_engram_delta(checkpoint):
+            apply_engram_delta(model, checkpoint)
 
 
 def _is_peft(model: nn.Module) -> bool:
