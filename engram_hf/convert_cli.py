@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
 
 def _layer_ids(text: str) -> list[int]:
@@ -75,12 +76,14 @@ def run_generate(args: argparse.Namespace) -> int:
         kwargs["device_map"] = args.device_map
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, revision=args.revision, **kwargs)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    # one generation config, not config + keyword arguments (which some transformers releases deprecate)
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
     if args.do_sample:
-        options["temperature"] = args.temperature
+        config.update(temperature=args.temperature)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    outputs = generator(args.prompt, return_full_text=not args.new_only, **options)
+    outputs = generator(args.prompt, return_full_text=not args.new_only, generation_config=config)
     print(outputs[0]["generated_text"])
     return 0
 

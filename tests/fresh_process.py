@@ -20,13 +20,16 @@ else:
 """
 
 
-def run_without_engram_hf(script: str, *args: str, cwd: Path, **env: str) -> None:
-    """Run `script` (offline, fresh modules cache under `cwd`) with `args` as `sys.argv[1:]`; fail on a non-zero exit."""
+def run_without_engram_hf(script: str, *args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run `script` (offline, fresh modules cache under `cwd`) with `args` as `sys.argv[1:]`; fail on a non-zero exit.
+
+    Every warning is shown (`PYTHONWARNINGS=always`), so callers can check the captured stderr for deprecations."""
     env = {
         **os.environ,
         "HF_MODULES_CACHE": str(cwd / "modules"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "always",
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # a transformers version under test stays in place
         **env,
     }
@@ -35,3 +38,4 @@ def run_without_engram_hf(script: str, *args: str, cwd: Path, **env: str) -> Non
         env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc

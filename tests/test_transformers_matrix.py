@@ -12,7 +12,18 @@ import tomllib
 import pytest
 from packaging.version import Version
 
-from engram_hf.modeling.integration_engram import MIN_TRANSFORMERS, NEWEST_TESTED, check_transformers_version
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+
+from engram_hf import EngramLlamaModel
+from engram_hf.modeling.integration_engram import (
+    CACHE_KWARG,
+    MIN_TRANSFORMERS,
+    NEWEST_TESTED,
+    check_cache_argument,
+    check_transformers_version,
+)
+from engram_hf.modeling.modeling_engram import EngramDecoderLayerMixin
+from tiny_models import tiny_config
 from transformers_matrix import ROOT, SUBSET, VERSIONS, target
 
 
@@ -52,3 +63,27 @@ def test_generation_and_remote_code_under(version):
     assert proc.returncode == 0 and " passed" in summary and "skipped" not in summary, (
         f"under transformers {version}: {summary}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     )
+
+
+class _RenamedCacheLayer(LlamaDecoderLayer):
+    """A decoder layer as a future release might write it: the cache under yet another name."""
+
+    def forward(self, hidden_states, attention_mask=None, kv_state=None, **kwargs):
+        return super().forward(hidden_states, attention_mask=attention_mask, **{CACHE_KWARG: kv_state}, **kwargs)
+
+
+class _RenamedEngramLayer(EngramDecoderLayerMixin, _RenamedCacheLayer):
+    pass
+
+
+class _RenamedEngramModel(EngramLlamaModel):
+    decoder_layer_class = _RenamedEngramLayer
+
+
+def test_renamed_cache_argument_stops_loading():
+    """A base decoder layer that no longer takes the cache under the name we pass: a clear error, not wrong output."""
+    check_cache_argument(LlamaModel.forward, LlamaDecoderLayer.forward)
+    config = tiny_config("llama")
+    EngramLlamaModel(config)  # the real family builds
+    with pytest.raises(RuntimeError, match=rf"_RenamedCacheLayer.forward in transformers .* `{CACHE_KWARG}`"):
+        _RenamedEngramModel(config)
