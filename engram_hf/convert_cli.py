@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 
 
 def _layer_ids(text: str) -> list[int]:
@@ -70,19 +69,20 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+    from .generation import generation_config
+
     tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
     kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     if args.device_map:
         kwargs["device_map"] = args.device_map
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, revision=args.revision, **kwargs)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    # one generation config, not config + keyword arguments (which some transformers releases deprecate)
-    config = copy.deepcopy(model.generation_config)
-    config.update(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     if args.do_sample:
-        config.update(temperature=args.temperature)
+        options["temperature"] = args.temperature
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    config = generation_config(model, **options)
     outputs = generator(args.prompt, return_full_text=not args.new_only, generation_config=config)
     print(outputs[0]["generated_text"])
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from .generation import generation_config
 from .modeling.hashing_engram import NgramHasher
 from .tokenization.tokenization_engram import EngramTokenizer
 
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"reloaded {type(model).__module__}.{type(model).__name__}: max |logit diff| vs LlamaForCausalLM = {diff}")
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer.tokenizer)
     messages = [{"role": "user", "content": args.prompt}]
-    text = generator(messages, max_new_tokens=args.max_new_tokens, do_sample=False)[0]["generated_text"][-1]["content"]
+    config = generation_config(model, max_new_tokens=args.max_new_tokens, do_sample=False)
+    text = generator(messages, generation_config=config)[0]["generated_text"][-1]["content"]
     print(f"prompt: {args.prompt!r}\ngenerated: {text!r}")
     return 0
 
