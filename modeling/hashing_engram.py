@@ -165,7 +165,8 @@ class NgramHasher(torch.nn.Module):
         if attention_mask is not None:
             input_ids = input_ids.masked_fill(attention_mask[:, -input_ids.shape[1] :] == 0, self.pad_token_id)
         vocab = self.compression_map.shape[0]
-        if input_ids.numel():
+        # the clear error needs a host sync, kept out of compiled graphs (there `take` itself rejects a bad id)
+        if input_ids.numel() and not torch.compiler.is_compiling():
             bounds = torch.aminmax(input_ids)  # one reduction; reading it syncs an accelerator once
             if int(bounds.min) < 0 or int(bounds.max) >= vocab:
                 bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()

@@ -52,7 +52,11 @@ from transformers.cache_utils import (  # noqa: E402
     DynamicSlidingWindowLayer,
     LinearAttentionAndFullAttentionLayer,
     LinearAttentionAndSlidingWindowAttentionLayer,
+    LinearAttentionAndStaticFullAttentionLayer,
+    LinearAttentionAndStaticSlidingWindowAttentionLayer,
     LinearAttentionCacheLayerMixin,
+    StaticLayer,
+    StaticSlidingWindowLayer,
 )
 from transformers.conversion_mapping import (  # noqa: E402
     get_checkpoint_conversion_mapping,
@@ -110,17 +114,31 @@ def check_cache_argument(*functions) -> None:
 
 
 def _engram_cache_layer(layer, number_of_states: int):
-    """A cache layer that also holds `number_of_states` Engram states, replacing a still-empty attention-only one."""
+    """A cache layer that also holds `number_of_states` Engram states, replacing a still-empty attention-only one.
+
+    Dynamic and static (fixed-size, compilable) layers, full or sliding-window, get their linear-attention twin; a
+    static sliding layer keeps its effective length and (5.24+) whether it can be cropped.
+    """
     if isinstance(layer, LinearAttentionCacheLayerMixin):
         return layer
     if getattr(layer, "is_initialized", False):
         raise ValueError("This cache was filled by a model without Engram; start generation with a fresh cache.")
-    if isinstance(layer, DynamicSlidingWindowLayer):
-        new = LinearAttentionAndSlidingWindowAttentionLayer(layer.sliding_window, number_of_states=number_of_states)
+    states = {"number_of_states": number_of_states}
+    if type(layer) is StaticSlidingWindowLayer:
+        # the layer keeps only its effective length, min(max_cache_len, sliding_window): the twin gets it for both
+        new = LinearAttentionAndStaticSlidingWindowAttentionLayer(layer.max_cache_len, layer.max_cache_len, **states)
+        if hasattr(layer, "_is_croppable"):
+            new._is_croppable = layer._is_croppable
+    elif type(layer) is StaticLayer:
+        new = LinearAttentionAndStaticFullAttentionLayer(layer.max_cache_len, **states)
+    elif type(layer) is DynamicSlidingWindowLayer:
+        new = LinearAttentionAndSlidingWindowAttentionLayer(layer.sliding_window, **states)
     elif type(layer) is DynamicLayer:
-        new = LinearAttentionAndFullAttentionLayer(number_of_states=number_of_states)
+        new = LinearAttentionAndFullAttentionLayer(**states)
     else:
-        raise NotImplementedError(f"Engram models support dynamic caches only, got a {type(layer).__name__} layer.")
+        raise NotImplementedError(
+            f"Engram models support dynamic and static caches, not a {type(layer).__name__} layer."
+        )
     if getattr(layer, "record_past", False):
         new.activate_past_recording()
     return new

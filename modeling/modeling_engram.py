@@ -298,19 +298,25 @@ class EngramModelMixin:
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         engram_hash_ids: torch.LongTensor | None = None,
+        engram_padding_mask: torch.Tensor | None = None,
         **kwargs,
     ):
         r"""
         engram_hash_ids (`torch.LongTensor` of shape `(batch_size, sequence_length, num_engram_layers, (N-1)*K)`, *optional*):
             Per-head row ids precomputed by `NgramHasher.hash_compressed` (e.g. in a data collator); by default they
             are computed here from `input_ids` and `attention_mask`.
+        engram_padding_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Which new positions are real (1) or padding (0), where `attention_mask` is not a 2-D padding mask (a
+            static cache's 4-D mask); by default a 2-D `attention_mask` says so.
         """
         cache = pop_cache({**kwargs, "cache": cache})  # taken as `cache` or `past_key_values`, whatever the version
         kwargs.pop("past_key_values", None)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        padding_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        padding_mask = engram_padding_mask
+        if padding_mask is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            padding_mask = attention_mask
         memory = self.engram_memory(input_ids, padding_mask, cache, engram_hash_ids)
         return super().forward(
             input_ids=input_ids,
@@ -337,3 +343,16 @@ class EngramForCausalLMMixin:
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, *args, attention_mask=None, **kwargs) -> dict:
+        """The family's inputs, plus the new tokens' `[B, T]` padding mask for the Engram layers.
+
+        With a fixed-size (static) cache `generate` turns the attention mask into a 4-D one, which no longer says which
+        positions are padding. A single decode token is never padding, so decode steps get none (and a compiled step
+        keeps the growing mask out of its graph).
+        """
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
+        new = inputs.get("input_ids")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and new is not None and new.shape[1] > 1:
+            inputs["engram_padding_mask"] = attention_mask[:, -new.shape[1] :]
+        return inputs
