@@ -45,7 +45,7 @@ def check_transformers_version(version: str = transformers.__version__) -> None:
 
 check_transformers_version()  # before the imports below, which older releases lack
 
-from transformers import GenerationMixin  # noqa: E402
+from transformers import CompileConfig, GenerationMixin  # noqa: E402
 from transformers.cache_utils import (  # noqa: E402
     Cache,
     DynamicLayer,
@@ -166,6 +166,18 @@ def is_recording_past(cache: Cache) -> bool:
     return any(getattr(layer, "record_past", False) for layer in cache.layers)
 
 
+# --- compiled generation -------------------------------------------------------------------------------------------
+# `generate` compiles its decode step only on accelerators unless `CompileConfig._compile_all_devices` is set (meant
+# for testing). Checked: 5.16.0-5.24.0.
+
+
+def compile_config(**kwargs) -> CompileConfig:
+    """A `CompileConfig(**kwargs)` that `generate` honours on every device, the CPU included."""
+    config = CompileConfig(**kwargs)
+    config._compile_all_devices = True
+    return config
+
+
 # --- device maps -------------------------------------------------------------------------------------------------
 # `_get_device_map` (integrations.accelerate) plans "auto"/"balanced"/... and reads `_no_split_modules`.
 # Checked: 5.16.0-5.24.0.
@@ -250,6 +262,9 @@ class PreTrainedHooks:
     - `_prepare_cache_for_generation(generation_config, model_kwargs, ...)`: `generate` builds its cache here, under
       `model_kwargs[CACHE_KWARG]`, before assisted decoding marks it for past recording. Forwards to
       `self.engram_prepare_generation_cache(cache, recording)`.
+    - `_get_static_cache_init_shape()`: `(num_heads, head_dim)` for `generate` to allocate a static cache before a
+      chunked prefill; `None` leaves the layers to initialise at their first update, which lets the Engram state
+      layers be swapped in first (the cost: a possible recompilation on the next call, as transformers notes).
     - `_no_placement_params`: parameter names that accelerate's dispatch leaves out of the device map check, so a map
       without the tables is accepted (they stay in host memory, spec §6).
     Checked: 5.16.0-5.24.0.
@@ -264,6 +279,9 @@ class PreTrainedHooks:
         return super(PreTrainedHooks, type(model))._load_pretrained_model(
             model, state_dict, checkpoint_files, load_config, *args, **kwargs
         )
+
+    def _get_static_cache_init_shape(self, *args, **kwargs) -> None:
+        return None
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)

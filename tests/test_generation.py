@@ -359,3 +359,28 @@ def test_engram_layer_ids_beyond_depth_raise(family):
         tiny_config(family, engram_layer_ids=[-1])
     with pytest.raises(ValueError, match="engram_layer_ids"):
         tiny_config(family, engram_layer_ids=[1, 1])
+
+
+# --- fixed-size (static) caches -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["greedy", "left_padded", "beam_search", "chunked_prefill"])
+def test_static_cache_equals_dynamic(family, mode):
+    """`cache_implementation="static"` (the cache compiled decoding uses) gives the dynamic cache's tokens and logits."""
+    model = model_for(family)
+    rows, ids, mask = left_padded_batch(family)
+    kwargs = dict(attention_mask=mask)
+    if mode == "greedy":
+        ids, kwargs = encode(family, PROMPTS[0]), {}
+    elif mode == "beam_search":
+        kwargs.update(num_beams=3, length_penalty=0.0, max_new_tokens=5)
+    elif mode == "chunked_prefill":
+        kwargs.update(prefill_chunk_size=3)
+    dynamic = generate(model, ids, **kwargs)
+    static = generate(model, ids, cache_implementation="static", **kwargs)
+    assert type(output_cache(static)).__name__ == "StaticCache"
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for step, (a, b) in enumerate(zip(static.scores, dynamic.scores)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=f"step {step}")
+    if mode != "beam_search":
+        assert_steps_match_full(model, static, ids.shape[1], kwargs.get("attention_mask"))
