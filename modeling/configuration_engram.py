@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
+TABLE_DEVICES = ("host", "device", "auto")
+# "auto" keeps a table in host memory above this many parameters (512 MiB in float32, 256 MiB in bfloat16)
+ENGRAM_AUTO_HOST_PARAMETERS = 2**27
+
 
 @dataclass(repr=False)
 class EngramConfigMixin:
@@ -26,6 +30,9 @@ class EngramConfigMixin:
     engram_use_short_conv: whether the dilated ShortConv runs.
     engram_proj_bias: bias on W_K and W_V.
     engram_norm_eps: epsilon of every Engram RMSNorm.
+    engram_table_device: where the tables live: "host" (host memory under any `device_map` and `.to(device)`; only
+        the addressed rows travel), "device" (with the rest of their decoder layer), or "auto" (host for a table
+        of more than `ENGRAM_AUTO_HOST_PARAMETERS` parameters, else with its layer). Also a `from_pretrained` option.
     """
 
     engram_layer_ids: list[int] | None = None
@@ -42,6 +49,7 @@ class EngramConfigMixin:
     engram_use_short_conv: bool = True
     engram_proj_bias: bool = False
     engram_norm_eps: float = 1e-5
+    engram_table_device: str = "host"
 
     def _fill_engram_defaults(self) -> None:
         if self.engram_layer_ids is None:
@@ -77,6 +85,10 @@ class EngramConfigMixin:
             raise ValueError(
                 f"engram_n_embed_per_ngram ({self.engram_n_embed_per_ngram}) must be divisible by "
                 f"engram_n_head_per_ngram ({self.engram_n_head_per_ngram})."
+            )
+        if self.engram_table_device not in TABLE_DEVICES:
+            raise ValueError(
+                f"engram_table_device must be one of {', '.join(TABLE_DEVICES)}, got {self.engram_table_device!r}."
             )
         if not self.engram_layer_ids:
             raise ValueError("engram_layer_ids must name at least one decoder layer.")

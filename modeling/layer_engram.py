@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from .configuration_engram import ENGRAM_AUTO_HOST_PARAMETERS
 from .integration_engram import get_conv_state
 
 # Cache state of an Engram layer's ShortConv input history (the first Engram layer also holds the token-id history)
@@ -77,14 +78,16 @@ class EngramShortConv(nn.Module):
 
 
 class EngramTable(nn.Embedding):
-    """The hashed-memory table of one Engram layer; stays in host memory (spec §6).
+    """The hashed-memory table of one Engram layer; by default it stays in host memory (spec §6).
 
-    `model.to(device)` / `.cuda()` convert its dtype but never move it off the host (only moves to the CPU, or
-    materialising it from the meta device, change its device); set `keep_on_host = False` to let it follow the model.
-    The weight is an ordinary parameter, saved and loaded as `...engram.table.weight`.
+    With `keep_on_host` (set from `config.engram_table_device`), `model.to(device)` / `.cuda()` convert its dtype but
+    never move it off the host (only moves to the CPU, or materialising it from the meta device, change its device);
+    without, it follows the model. The weight is an ordinary parameter, saved and loaded as `...engram.table.weight`.
     """
 
-    keep_on_host = True
+    def __init__(self, num_rows: int, dim: int, keep_on_host: bool = True):
+        super().__init__(num_rows, dim)
+        self.keep_on_host = keep_on_host
 
     def _apply(self, fn, recurse=True):
         weight = self.weight
@@ -114,7 +117,9 @@ class EngramLayer(nn.Module):
         self.head_dim = config.engram_n_embed_per_ngram // config.engram_n_head_per_ngram
         self.memory_size = n_orders * config.engram_n_embed_per_ngram
         eps = config.engram_norm_eps
-        self.table = EngramTable(num_rows, self.head_dim)
+        placement = config.engram_table_device
+        on_host = placement == "host" or (placement == "auto" and num_rows * self.head_dim > ENGRAM_AUTO_HOST_PARAMETERS)
+        self.table = EngramTable(num_rows, self.head_dim, keep_on_host=on_host)
         self.key_proj = nn.ModuleList(
             nn.Linear(self.memory_size, self.hidden_size, bias=config.engram_proj_bias) for _ in range(self.hc_mult)
         )

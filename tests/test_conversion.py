@@ -511,3 +511,23 @@ def test_generate_cli(qwen2_graft, capsys):
     out, _ = qwen2_graft
     assert main(["generate", str(out), "Hello world", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("Hello world")
+
+
+@pytest.mark.parametrize("placement", ["host", "device"])
+def test_table_placement_option_round_trip(qwen2_graft, tmp_path, placement):
+    """`engram_table_device` given at load is kept by save/load and decides device maps and `.to(device)`."""
+    model = AutoModelForCausalLM.from_pretrained(qwen2_graft[0], trust_remote_code=True, engram_table_device=placement)
+    model.save_pretrained(tmp_path / "saved")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert model.config.engram_table_device == placement
+    on_host = placement == "host"
+    tables = _table_names(model)
+    assert all(model.get_submodule(name).keep_on_host == on_host for name in tables)
+    assert (keep_tables_on_host(model, {"": 0}) == {"": 0}) == (not on_host)  # a device table stays in the map
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config, trust_remote_code=True)
+    plan = plan_device_map(meta, "auto", {0: 10**9, "cpu": 10**9})
+    covered = [t for t in tables if any(t == k or t.startswith(k + ".") or k == "" for k in plan)]
+    assert covered == ([] if on_host else tables)
+    model.to("meta")  # a device move: tables follow only when placed on the device
+    assert all(model.get_submodule(name).weight.device.type == ("cpu" if on_host else "meta") for name in tables)

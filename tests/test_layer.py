@@ -109,3 +109,17 @@ def test_graft_init_outputs_exact_zero():
     hidden = torch.randn(2, 9, 1, 32)
     out = layer(hidden, layer.lookup(torch.randint(0, 97, (2, 9, 8))))
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("placement", ["host", "device", "auto"])
+def test_table_placement_from_config(placement):
+    """"auto" keeps a table in host memory above 2^27 parameters; a wrong value is rejected."""
+    config = _config(engram_table_device=placement)
+    dim = config.engram_n_embed_per_ngram // config.engram_n_head_per_ngram
+    with torch.device("meta"):
+        small = EngramLayer(config, layer_idx=1, num_rows=97)
+        large = EngramLayer(config, layer_idx=1, num_rows=2**27 // dim + 1)
+    assert small.table.keep_on_host == (placement == "host")
+    assert large.table.keep_on_host == (placement in ("host", "auto"))
+    with pytest.raises(ValueError, match="engram_table_device must be one of host, device, auto"):
+        _config(engram_table_device="gpu")
