@@ -17,9 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    StaticCache,
+)
 
 from .conversion.graft import FAMILIES
 from .modeling.hashing_engram import NgramHasher, layer_multipliers
@@ -80,9 +89,33 @@ def _median_time(
     return statistics.median(times)
 
 
-@torch.no_grad()
+class _Runner:
+    """Prefill and greedy decode of one model, as `generate` runs them: a dynamic cache; or (`compiled`) a static cache
+    made once and reset per round, an eager prefill and a `torch.compile`d decode step (CUDA graphs on a GPU)."""
+
+    def __init__(self, model: nn.Module, compiled: bool = False, max_len: int = 0):
+        self.model, self.cache, self.step = model, None, model
+        if compiled:
+            self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+            mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+            self.step = torch.compile(model, mode=mode, fullgraph=True)
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> tuple[object, torch.Tensor]:
+        if self.cache is not None:
+            self.cache.reset()
+        out = self.model(prompt, **{CACHE_KWARG: self.cache}, use_cache=True, logits_to_keep=1)
+        return output_cache(out), out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def decode(self, token: torch.Tensor, cache, position: int) -> torch.Tensor:
+        positions = torch.full_like(token, position)  # explicit: no host read of the cache length in a compiled step
+        out = self.step(token, position_ids=positions, **{CACHE_KWARG: cache}, use_cache=True)
+        return out.logits[:, -1:].argmax(-1)
+
+
 def _timed_round(
-    models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int
+    runners: dict[str, _Runner], prompt: torch.Tensor, new_tokens: int
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """One round: each model prefills the prompt (as `generate` does: cached, last logits only) in turn, then they
     decode `new_tokens` greedy tokens, one step of each model after the other, so machine noise hits all alike.
@@ -97,34 +130,62 @@ def _timed_round(
         sync()
         return out, time.perf_counter() - start
 
-    prefill_s, step_s, caches, tokens = {}, {label: [] for label in models}, {}, {}
-    for label, model in models.items():
-        out, prefill_s[label] = timed(partial(model, prompt, use_cache=True, logits_to_keep=1))
-        caches[label], tokens[label] = output_cache(out), out.logits[:, -1:].argmax(-1)
-    for _ in range(new_tokens):
-        for label, model in models.items():
-            out, seconds = timed(partial(model, tokens[label], **{CACHE_KWARG: caches[label]}, use_cache=True))
-            tokens[label] = out.logits[:, -1:].argmax(-1)
+    prefill_s, step_s, caches, tokens = {}, {label: [] for label in runners}, {}, {}
+    for label, runner in runners.items():
+        (caches[label], tokens[label]), prefill_s[label] = timed(partial(runner.prefill, prompt))
+    for step in range(new_tokens):
+        for label, runner in runners.items():
+            tokens[label], seconds = timed(partial(runner.decode, tokens[label], caches[label], prompt.shape[1] + step))
             step_s[label].append(seconds)
     return prefill_s, step_s
 
 
 def _prefill_and_decode(
-    models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, reps: int, quiet: bool = True
+    runners: dict[str, _Runner], prompt: torch.Tensor, new_tokens: int, reps: int, quiet: bool = True
 ) -> dict[str, tuple[float, float]]:
     """`{label: (prefill tokens/s, greedy decode tokens/s)}` from `reps` interleaved rounds after a warm-up round:
     the median prefill time and the median time of one decode step."""
-    prefill_s = {label: [] for label in models}
-    step_s = {label: [] for label in models}
-    for round_ in tqdm(range(reps + 1), desc=" vs ".join(models), disable=quiet):  # round 0 warms up
-        prefills, steps = _timed_round(models, prompt, new_tokens)
-        for label in models:
+    prefill_s = {label: [] for label in runners}
+    step_s = {label: [] for label in runners}
+    for round_ in tqdm(range(reps + 1), desc=" vs ".join(runners), disable=quiet):  # round 0 warms up (compiles)
+        prefills, steps = _timed_round(runners, prompt, new_tokens)
+        for label in runners:
             prefill_s[label] += [prefills[label]] if round_ else []
             step_s[label] += steps[label] if round_ else []
     return {
         label: (prompt.numel() / statistics.median(prefill_s[label]), prompt.shape[0] / statistics.median(step_s[label]))
-        for label in models
+        for label in runners
     }
+
+
+# view and metadata ops: no kernel of their own
+_NO_KERNEL = {
+    "aten::" + name for name in (
+        "view", "reshape", "slice", "select", "unsqueeze", "squeeze", "expand", "transpose", "t", "permute", "unfold",
+        "flatten", "as_strided", "alias", "detach", "empty", "empty_strided", "result_type", "lift_fresh", "unbind",
+        "_unsafe_view", "split", "chunk", "narrow", "resolve_conj", "resolve_neg", "item", "_local_scalar_dense",
+        "is_nonzero", "empty_like", "to", "type_as", "contiguous",
+    )
+}
+
+
+def _kernels_per_step(runner: _Runner, prompt: torch.Tensor) -> int:
+    """Kernels one eager decode step runs: CUDA kernels on a GPU; on the CPU the innermost aten ops that compute (a
+    composite op counts as its parts; views, no-op casts and metadata ops count as nothing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache, token = runner.prefill(prompt)
+    runner.decode(token, cache, prompt.shape[1])  # the first step may still set up cache layers
+    activities = [ProfilerActivity.CUDA] if prompt.is_cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        runner.decode(token, cache, prompt.shape[1] + 1)
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+    if prompt.is_cuda:
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    computing = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in _NO_KERNEL]
+    parents = {id(e.cpu_parent) for e in computing if e.cpu_parent is not None}
+    return sum(1 for e in computing if id(e) not in parents)  # innermost computing ops
 
 
 def _table_variant(model, rows_per_head: int) -> tuple[NgramHasher, dict[int, nn.Embedding]]:
@@ -160,7 +221,24 @@ def _peak_rss_of(code: str) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 2**20  # kB -> GiB
 
 
-def _load_base(model_id: str | None, tiny: bool, random_weights: bool = False):
+# random-weight shapes for `--shape` (the SmolLM2 vocabulary: its tokenizer gives the compression map)
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8),
+}
+
+
+def _load_base(model_id: str | None, tiny: bool, random_weights: bool = False, shape: str | None = None):
+    if shape is not None:
+        from .demo import bundled_smollm2_gguf
+
+        gguf = bundled_smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **SHAPES[shape])
+        return LlamaForCausalLM(config).eval(), tokenizer, f"{shape} Llama shape, random weights", "tiny"
     if tiny:
         from .demo import bundled_smollm2_gguf
 
@@ -195,10 +273,14 @@ def _load_base(model_id: str | None, tiny: bool, random_weights: bool = False):
 
 def run_bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    base, tokenizer, name, source = _load_base(args.model, args.tiny, args.random_weights)
-    engram = engram_twin(base, tokenizer, engram_n_head_per_ngram=8, engram_max_ngram_size=3)
+    base, tokenizer, name, source = _load_base(args.model, args.tiny, args.random_weights, args.shape)
+    dtype = getattr(torch, args.dtype)
+    base.to(dtype)
+    engram = engram_twin(
+        base, tokenizer, engram_n_head_per_ngram=8, engram_max_ngram_size=3, engram_table_device=args.table_device
+    )
     device = torch.device(args.device)
-    engram.to(device)  # Engram tables stay in host memory
+    engram.to(device)  # tables in host memory stay there
     engram_gpu_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     base.to(device)
     cfg = engram.config
@@ -211,8 +293,12 @@ def run_bench(args: argparse.Namespace) -> dict:
                      "engram_n_embed_per_ngram": cfg.engram_n_embed_per_ngram,
                      "engram_vocab_size": cfg.engram_vocab_size, "compressed_vocab_size": cfg.engram_compressed_vocab_size},
         "reps": args.reps,
+        "settings": {"dtype": args.dtype, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
+                     "new_tokens": args.new_tokens, "compile": args.compile, "table_device": args.table_device,
+                     "transformers": transformers.__version__},
     }
-    prompt = torch.randint(0, len(tokenizer), (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, len(tokenizer), (args.batch_size, args.prompt_len), generator=generator)
     prompt = prompt.to(device)
     if device.type == "cuda":
         tables = [engram.get_decoder().layers[i].engram.table.weight for i in cfg.engram_layer_ids]
@@ -224,11 +310,17 @@ def run_bench(args: argparse.Namespace) -> dict:
         }
 
     # 1. base vs Engram, interleaved step by step so that machine noise hits both alike
-    figures = _prefill_and_decode({"base": base, "engram": engram}, prompt, args.new_tokens, args.reps, args.quiet)
+    max_len = args.prompt_len + args.new_tokens + 2
+    runners = {label: _Runner(model, args.compile, max_len) for label, model in (("base", base), ("engram", engram))}
+    figures = _prefill_and_decode(runners, prompt, args.new_tokens, args.reps, args.quiet)
     speed = {label: {"prefill_tok_s": prefill, "decode_tok_s": decode} for label, (prefill, decode) in figures.items()}
     speed["decode_ratio"] = speed["engram"]["decode_tok_s"] / speed["base"]["decode_tok_s"]
     speed["prefill_ratio"] = speed["engram"]["prefill_tok_s"] / speed["base"]["prefill_tok_s"]
     results["speed"] = speed
+    eager = {"base": _Runner(base), "engram": _Runner(engram)}
+    kernels = {label: _kernels_per_step(runner, prompt[:, :32]) for label, runner in eager.items()}
+    kernels["per_engram_layer"] = (kernels["engram"] - kernels["base"]) / len(cfg.engram_layer_ids)
+    results["kernels_per_decode_step"] = kernels
 
     # 2. decode time as the per-layer table grows (O(1) lookups: flat)
     # (one round at a time for each size in turn, so that machine noise spreads over all sizes alike)
@@ -240,7 +332,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     for round_ in tqdm(range(args.reps + 1), desc="table sweep", disable=args.quiet):  # round 0 warms up
         for log2, variant in variants.items():
             _use_tables(engram, variant)
-            _, steps = _timed_round({"engram": engram}, prompt[:, :32], args.new_tokens)
+            _, steps = _timed_round({"engram": _Runner(engram)}, prompt[:, :32], args.new_tokens)
             step_s[log2] += steps["engram"] if round_ else []
     _use_tables(engram, original)
     results["table_sweep"] = [
@@ -308,6 +400,9 @@ def _print_table(results: dict) -> None:
           f"{s['prefill_ratio']:8.3f}")
     print(f"{'greedy decode tokens/s':28}{s['base']['decode_tok_s']:12.1f}{s['engram']['decode_tok_s']:12.1f}"
           f"{s['decode_ratio']:8.3f}")
+    k = results["kernels_per_decode_step"]
+    print(f"{'kernels per eager decode step':28}{k['base']:12d}{k['engram']:12d}  "
+          f"(+{k['per_engram_layer']:.1f} per Engram layer)")
     print("\ntable rows per layer -> decode ms/token")
     for row in results["table_sweep"]:
         print(f"  2^{row['log2_rows']:<3} ({row['rows_per_layer']:>11,} rows) {row['decode_ms_per_token']:8.3f}")
@@ -366,7 +461,14 @@ def add_parser(commands) -> None:
     parser.add_argument("--model", help="local folder, .gguf file or Hub id (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
     parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights")
-    parser.add_argument("--device", default="cpu", help="compute device; Engram tables stay in host memory")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a random-weight Llama of this shape (SmolLM2 vocabulary)")
+    parser.add_argument("--device", default="cpu", help="compute device")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="static cache + torch.compile'd decode step, both models alike (CUDA graphs on a GPU)")
+    parser.add_argument("--table-device", default="host", choices=["host", "device", "auto"],
+                        help="where the Engram tables live (engram_table_device)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)

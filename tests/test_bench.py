@@ -2,17 +2,27 @@
 
 import json
 
+import pytest
+
 from engram_hf.cli import main
 
 
-def test_bench_smoke(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "options", [[], ["--compile", "--batch-size", "2", "--dtype", "bfloat16", "--table-device", "device"]],
+    ids=["eager", "compiled"],
+)
+def test_bench_smoke(tmp_path, capsys, options):
     out = tmp_path / "bench"
     code = main(["bench", "--tiny", "--reps", "1", "--prompt-len", "8", "--new-tokens", "2", "--hash-len", "256",
-                 "--table-log2", "12", "14", "--out", str(out), "--quiet"])
+                 "--table-log2", "12", "14", "--out", str(out), "--quiet", *options])
     assert code == 0
     results = json.loads((out / "bench.json").read_text())
-    assert set(results) >= {"model", "machine", "geometry", "reps", "speed", "table_sweep", "table_sweep_ratio",
-                            "hashing", "memory"}
+    assert set(results) >= {"model", "machine", "geometry", "reps", "settings", "speed", "kernels_per_decode_step",
+                            "table_sweep", "table_sweep_ratio", "hashing", "memory"}
+    assert results["settings"]["compile"] == ("--compile" in options)
+    assert results["settings"]["batch_size"] == (2 if options else 1)
+    kernels = results["kernels_per_decode_step"]
+    assert kernels["engram"] > kernels["base"] > 0
     for side in ("base", "engram"):
         assert results["speed"][side]["prefill_tok_s"] > 0 and results["speed"][side]["decode_tok_s"] > 0
     assert {"decode_ratio", "prefill_ratio"} <= set(results["speed"])
