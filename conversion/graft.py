@@ -14,16 +14,14 @@ which `from_pretrained` reassembles into `...engram.table.weight` (`EngramTableP
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import struct
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +33,7 @@ from ..modeling.modeling_engram_llama import EngramLlamaForCausalLM
 from ..modeling.modeling_engram_qwen2 import EngramQwen2ForCausalLM
 from ..modeling.modeling_engram_qwen3 import EngramQwen3ForCausalLM
 from ..tokenization.tokenization_engram import build_compression_map
+from .output import GuardedOutput
 
 # base model_type -> (Engram config class, Engram causal-LM class)
 FAMILIES = {
@@ -50,6 +49,9 @@ _SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_SHARD_FILES = 10_000
+logger = logging.getLogger(__name__)
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
 
@@ -174,6 +176,25 @@ def _base_license(source: _Source) -> str | None:
 
 # --------------------------------------------------------------------------------------------------------------------
 # geometry
+
+
+def _check_space(output_dir: Path, source: _Source, base_config, dtype, table_params: int, max_bytes: int) -> None:
+    """Log the planned size and file count; refuse a plan that does not fit the free disk space or would write an
+    unreasonable number of shard files."""
+    base_files = [source.folder / source.gguf_file] if source.gguf_file else _source_shards(source.folder)
+    stored = dtype or getattr(base_config, "dtype", None)
+    itemsize = torch.empty(0, dtype=stored if isinstance(stored, torch.dtype) else torch.float32).element_size()
+    planned = sum(f.stat().st_size for f in base_files) + table_params * itemsize
+    files = math.ceil(planned / max_bytes)
+    free = shutil.disk_usage(output_dir.parent if output_dir.parent.exists() else Path.cwd()).free
+    logger.info("planned output: %.2f GiB (tables %.2f GiB) in about %d shard file(s); %.2f GiB free",
+                planned / 2**30, table_params * itemsize / 2**30, files, free / 2**30)
+    if planned > free:
+        raise OSError(f"Not enough disk space for {output_dir}: the conversion writes about {planned / 2**30:.2f} GiB "
+                      f"and {free / 2**30:.2f} GiB are free (smaller --table-rows, or another disk).")
+    if files > MAX_SHARD_FILES:
+        raise ValueError(f"max_shard_size {max_bytes:,} bytes would write about {files:,} shard files for "
+                         f"{planned / 2**30:.2f} GiB; choose a larger --max-shard-size.")
 
 
 def _parse_size(text: str | int) -> int:
@@ -427,6 +448,7 @@ def graft(
     max_shard_size: int | str = "2GB",
     seed: int = 0,
     overwrite: bool = False,
+    clean: bool = False,
     verify: bool = True,
     base_model: str | None = None,
     revision: str | None = None,
@@ -449,7 +471,10 @@ def graft(
         max_shard_size: shard size of the output; no shard holding an Engram table exceeds it (a larger table is split
             into row slices), others only where a single base tensor is larger.
         seed: seed of the hash multipliers and the table init.
-        overwrite: replace an existing `output_dir` (otherwise `FileExistsError`).
+        overwrite: replace an existing `output_dir` if it is a previous engram-hf output (otherwise
+            `FileExistsError`); never the base's folder, the current folder or a parent of either.
+        clean: remove the temporary folders that killed conversions into `output_dir` left behind (otherwise they
+            are reported).
         verify: reload the output with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` and check
             that its logits on a probe prompt equal the base model's exactly.
         base_model: Hub id written as `base_model` in the card (default: the Hub id of `base`, if it was one).
@@ -461,8 +486,7 @@ def graft(
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     output_dir = Path(output_dir).expanduser().resolve()
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"Output folder {output_dir} already exists (pass overwrite=True / --overwrite).")
+    guard = GuardedOutput(output_dir, overwrite, clean=clean)  # fail fast: existing output, current folder, leftovers
     max_bytes = _parse_size(max_shard_size)
     if max_bytes <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}.")
@@ -471,9 +495,13 @@ def graft(
         if not isinstance(getattr(torch, name, None), torch.dtype):
             raise ValueError(f"Unknown dtype {dtype!r}.")
         dtype = getattr(torch, name)
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"Unsupported output dtype {dtype}: choose one of "
+                         f"{', '.join(str(d).replace('torch.', '') for d in OUTPUT_DTYPES)}.")
 
     # ---- everything that can fail on bad input is checked before anything is written
     source = _resolve_source(base, revision, cache_dir)
+    guard.protect(source.folder)
     gguf_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         base_config = AutoConfig.from_pretrained(source.folder, **gguf_kwargs)
@@ -542,12 +570,11 @@ def graft(
     }
     hasher = NgramHasher.from_config(config, compression_map=compression_map)
     table_rows_per_layer = {i: hasher.rows_per_layer(i) for i in layer_ids}
+    _check_space(output_dir, source, base_config, dtype, sum(table_rows_per_layer.values()) * head_dim, max_bytes)
 
     # ---- write into a temporary folder next to the output; nothing under the output name until the end
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.tmp-", dir=output_dir.parent))
     base_model_obj = None
-    try:
+    with guard as tmp:
         writer = _ShardWriter(tmp, max_bytes)
         out_dtype = dtype
         if source.gguf_file is not None:  # transformers dequantizes GGUF as a whole
@@ -633,17 +660,8 @@ def graft(
         if verify:
             result.max_abs_diff = _verify(tmp, source, gguf_kwargs, out_dtype, tokenizer, base_model_obj)
 
-        if output_dir.exists():  # overwrite: swap the old folder out only once the new one is complete
-            old = output_dir.parent / f"{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
+        guard.commit()
         return result
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_remote_code(folder: str | os.PathLike, auto_class: str = "AutoModelForCausalLM", **kwargs):
@@ -673,7 +691,7 @@ def _verify(folder: Path, source: _Source, gguf_kwargs: dict, dtype, tokenizer, 
         expected = base_model(ids).logits
         got = grafted(ids).logits
     diff = float((expected.float() - got.float()).abs().max())
-    print(f"verify: max |logits(grafted) - logits(base)| = {diff:.3g} on a {ids.shape[1]}-token probe prompt")
+    logger.info("verify: max |logits(grafted) - logits(base)| = %.3g on a %d-token probe prompt", diff, ids.shape[1])
     if diff != 0.0 or not torch.equal(expected, got):
         raise ValueError(f"Verification failed: the grafted model's logits differ from the base's (max abs diff {diff}).")
     return diff

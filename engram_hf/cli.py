@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 
 from . import bench, bench_convert, convert_cli, demo, knowledge
@@ -19,11 +21,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM ends a command like Ctrl-C does: through its cleanup (a conversion removes its temporary folder)."""
+    raise SystemExit(128 + signum)
+
+
+def _show_library_log() -> None:
+    """The library's progress messages (planned sizes, verification, leftovers) on stderr."""
+    log = logging.getLogger("engram_hf")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    _show_library_log()
     try:
         return args.run(args) or 0
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, existing output, full disk, read-only folder, network
         print(f"engram-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -33,6 +33,7 @@ def run_convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         seed=args.seed,
         overwrite=args.overwrite,
+        clean=args.clean,
         verify=not args.no_verify,
         base_model=args.base_model,
         revision=args.revision,
@@ -106,7 +107,9 @@ def add_parsers(commands) -> None:
     convert.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the base's)")
     convert.add_argument("--max-shard-size", default="2GB")
     convert.add_argument("--seed", type=int, default=0)
-    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it is a previous engram-hf output")
+    convert.add_argument("--clean", action="store_true",
+                         help="remove temporary folders that killed conversions into OUTPUT left behind")
     convert.add_argument("--no-verify", action="store_true", help="skip the reload and logit-parity check")
     convert.add_argument("--base-model", default=None, help="Hub id written as base_model in the model card")
     convert.add_argument("--revision", default=None, help="revision of a Hub BASE")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -304,21 +305,30 @@ def test_interrupted_conversion_leaves_nothing(qwen2_base, tmp_path, monkeypatch
 
 
 def test_overwrite_refusal_and_replacement(qwen2_base, tmp_path, capsys):
+    cli = ["convert", str(qwen2_base), "OUT", "--layers", "2", "--heads", "2", "--embed-per-ngram", "16",
+           "--table-rows", "500", "--quiet", "--no-verify"]
     out = tmp_path / "existing"
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(FileExistsError):
         engram_hf.graft(qwen2_base, out, **TINY)
-    assert (out / "old.txt").read_text() == "old"
-    code = main(["convert", str(qwen2_base), str(out), "--layers", "2", "--heads", "2", "--embed-per-ngram", "16",
-                 "--table-rows", "500", "--quiet"])
-    assert code == 2 and "already exists" in capsys.readouterr().err
-    code = main(["convert", str(qwen2_base), str(out), "--layers", "2", "--heads", "2", "--embed-per-ngram", "16",
-                 "--table-rows", "500", "--quiet", "--overwrite", "--no-verify"])
+    assert main([str(out) if a == "OUT" else a for a in cli]) == 2 and "already exists" in capsys.readouterr().err
+    # --overwrite replaces only a previous engram-hf output
+    assert main([str(out) if a == "OUT" else a for a in cli] + ["--overwrite"]) == 2
+    assert "not an engram-hf output" in capsys.readouterr().err and (out / "old.txt").read_text() == "old"
+    out = tmp_path / "converted"
+    engram_hf.graft(qwen2_base, out, layer_ids=[1], verify=False, **TINY)
+    code = main([str(out) if a == "OUT" else a for a in cli] + ["--overwrite"])
     assert code == 0 and "V' = " in capsys.readouterr().out
-    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
     assert json.loads((out / "config.json").read_text())["engram_layer_ids"] == [2]
     assert _leftovers(out) == [out.name]
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~_umask())  # readable by others, like any folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_bad_inputs_write_nothing(qwen2_base, tmp_path):
