@@ -51,6 +51,7 @@ _SAFETENSORS_DTYPES = {
 }
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_SHARD_FILES = 10_000
+LOCAL_TOKENIZER_KEYS = ("is_local", "local_files_only")
 logger = logging.getLogger(__name__)
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
@@ -195,6 +196,14 @@ def _check_space(output_dir: Path, source: _Source, base_config, dtype, table_pa
     if files > MAX_SHARD_FILES:
         raise ValueError(f"max_shard_size {max_bytes:,} bytes would write about {files:,} shard files for "
                          f"{planned / 2**30:.2f} GiB; choose a larger --max-shard-size.")
+
+
+def _clean_tokenizer_config(path: Path) -> None:
+    """Drop the loading flags of this machine (`is_local`, `local_files_only`) that `save_pretrained` records."""
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if [config.pop(key) for key in LOCAL_TOKENIZER_KEYS if key in config]:
+            path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _parse_size(text: str | int) -> int:
@@ -641,6 +650,7 @@ def graft(
             if file.name != "__init__.py":
                 shutil.copy(file, tmp / file.name)
         tokenizer.save_pretrained(tmp)
+        _clean_tokenizer_config(tmp / "tokenizer_config.json")
 
         result = GraftResult(
             output_dir=output_dir, family=family, layer_ids=layer_ids, vocab_size=len(tokenizer),

@@ -130,3 +130,10 @@ def test_size_check_before_writing(qwen2_base, tmp_path, capsys):
                  "500", "--max-shard-size", "100", "--quiet"])
     assert code == 2 and "choose a larger --max-shard-size" in capsys.readouterr().err
     assert _leftovers(out) == []
+
+
+def test_tokenizer_config_carries_no_local_flags(qwen2_base, tmp_path):
+    out = tmp_path / "out"
+    engram_hf.graft(qwen2_base, out, verify=False, **TINY)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(config)
