@@ -622,6 +622,7 @@ def graft(
         std = getattr(config, "initializer_range", 0.02) or 0.02
         engram_params = table_params = 0
         writer.add("model.engram_hasher.compression_map", hasher.compression_map)
+        writer.add("model.engram_hasher.geometry", hasher.geometry)
         layers = {layer_idx: _init_engram_layer(model_class, config, layer_idx) for layer_idx in layer_ids}
         for layer_idx, layer in layers.items():
             for name, tensor in layer.state_dict().items():

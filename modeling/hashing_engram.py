@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 
 import numpy as np
 import sympy
 import torch
+
+
+# the config fields that decide every row id; a checkpoint stores their values (`NgramHasher.geometry`)
+GEOMETRY_FIELDS = (
+    "engram_seed", "engram_pad_token_id", "engram_layer_ids", "engram_max_ngram_size", "engram_n_head_per_ngram",
+    "engram_vocab_size",
+)
+
+
+def _digest(values: Sequence[int]) -> int:
+    """A stable non-negative int64 digest of a list of ints."""
+    return int(hashlib.sha256(json.dumps([int(v) for v in values]).encode()).hexdigest()[:15], 16)
 
 
 def layer_multipliers(layer_id: int, max_ngram_size: int, compressed_vocab_size: int, seed: int) -> list[int]:
@@ -78,6 +92,8 @@ class NgramHasher(torch.nn.Module):
         self.register_buffer(
             "window_multipliers", torch.empty(max_ngram_size, len(self.layer_ids), n_cols, dtype=torch.long), False
         )
+        # [len(GEOMETRY_FIELDS)] what the tables were made for; persistent: checked against the config at load
+        self.register_buffer("geometry", self.expected_geometry())
         self.reset_constants()
 
     @classmethod
@@ -94,6 +110,17 @@ class NgramHasher(torch.nn.Module):
             compression_map=compression_map,
             map_size=config.engram_map_size,
         )
+
+    def expected_geometry(self) -> torch.Tensor:
+        """`[len(GEOMETRY_FIELDS)]` int64 values of the settings that decide every row id (lists as digests)."""
+        values = [self.seed, self.pad_token_id, _digest(self.layer_ids), self.max_ngram_size, self.n_head_per_ngram,
+                  _digest(self.engram_vocab_size)]
+        return torch.tensor(values, dtype=torch.long)
+
+    def geometry_mismatch(self) -> list[str]:
+        """Names of the `GEOMETRY_FIELDS` whose stored value differs from this hasher's settings."""
+        stored, expected = self.geometry.cpu(), self.expected_geometry()
+        return [name for name, a, b in zip(GEOMETRY_FIELDS, stored.tolist(), expected.tolist()) if a != b]
 
     @property
     def compressed_pad_id(self) -> int:
@@ -162,6 +189,7 @@ class NgramHasher(torch.nn.Module):
 
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, T]` raw ids -> compressed ids; positions with `attention_mask == 0` become the compressed pad id."""
+        input_ids = input_ids.long()  # int32 ids too, as the base model's embedding takes them
         if attention_mask is not None:
             input_ids = input_ids.masked_fill(attention_mask[:, -input_ids.shape[1] :] == 0, self.pad_token_id)
         vocab = self.compression_map.shape[0]

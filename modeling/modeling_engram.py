@@ -131,6 +131,7 @@ class EngramPreTrainedMixin(PreTrainedHooks):
         elif isinstance(module, NgramHasher):
             identity = torch.arange(module.compression_map.shape[0]) % module.compressed_vocab_size
             init.copy_(module.compression_map, identity)
+            init.copy_(module.geometry, module.expected_geometry())
             module.reset_constants()
         else:
             super()._init_weights(module)
@@ -198,7 +199,21 @@ class EngramPreTrainedMixin(PreTrainedHooks):
                 f"(engram_map_size={cfg.engram_map_size}, engram_compressed_vocab_size="
                 f"{cfg.engram_compressed_vocab_size}); the compression map is a property of the checkpoint."
             )
+        engram_keys = sorted(k for k in not_loaded if ".engram." in k)
+        if engram_keys:  # initialised where the checkpoint should have held trained (or grafted) values
+            raise ValueError(
+                f"The checkpoint lacks (or has other shapes for) Engram weights: {', '.join(engram_keys[:6])}"
+                f"{' ...' if len(engram_keys) > 6 else ''}. Engram checkpoints come from `engram-hf convert` or "
+                "`save_pretrained` of an Engram model, with the geometry in their config."
+            )
         model.check_engram_map()
+        changed = model.get_engram_hasher().geometry_mismatch()
+        if changed:
+            raise ValueError(
+                f"config.json's {', '.join(changed)} differ(s) from what this checkpoint's Engram tables were made "
+                "with: every hash would change. Restore the original values (edit the model through engram_hf, "
+                "not config.json)."
+            )
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
@@ -279,8 +294,16 @@ class EngramModelMixin:
                     "not only `inputs_embeds`."
                 )
             engram_hash_ids = self.engram_hash(input_ids, attention_mask, cache)  # [B, T, L, (N-1)*K]
-        elif cache is not None and input_ids is not None:
-            self._engram_window(hasher.compress(input_ids, attention_mask), cache)
+        else:
+            expected = (len(self.engram_layer_ids), hasher.moduli.shape[1])  # (L, (N-1)*K)
+            ids_shape = tuple(input_ids.shape) if input_ids is not None else tuple(engram_hash_ids.shape[:2])
+            if engram_hash_ids.dim() != 4 or tuple(engram_hash_ids.shape) != (*ids_shape, *expected):
+                raise ValueError(
+                    f"engram_hash_ids must have shape (batch, sequence, {expected[0]} Engram layers, {expected[1]} "
+                    f"heads) = {(*ids_shape, *expected)}, got {tuple(engram_hash_ids.shape)}."
+                )
+            if cache is not None and input_ids is not None:
+                self._engram_window(hasher.compress(input_ids, attention_mask), cache)
         rows = engram_hash_ids + hasher.offsets  # [B, T, L, (N-1)*K] global rows
         device = engram_hash_ids.device  # prefetch every layer's rows here, at forward entry
         engrams = [self.layers[layer_idx].engram for layer_idx in self.engram_layer_ids]

@@ -352,6 +352,25 @@ def test_out_of_vocabulary_ids_raise(family, bad):
         model.generate(ids, max_new_tokens=2, do_sample=False)
 
 
+def test_wrong_shape_engram_hash_ids_raise(family):
+    model = model_for(family)
+    ids = encode(family, PROMPTS[1])
+    rows = model.model.engram_hash(ids, None, None)  # [B, T, L, (N-1)*K]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, engram_hash_ids=rows).logits, model(ids).logits, atol=0, rtol=0)
+        for bad in (rows[:, :, :1], rows[..., :-1], rows[:, :-1], rows[0]):
+            with pytest.raises(ValueError, match="engram_hash_ids must have shape"):
+                model(ids, engram_hash_ids=bad)
+
+
+def test_int32_ids_like_int64(family):
+    model = model_for(family)
+    ids = encode(family, PROMPTS[0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.int()).logits, model(ids).logits, atol=0, rtol=0)
+    assert torch.equal(generate(model, ids.int()).sequences, generate(model, ids).sequences)
+
+
 def test_engram_layer_ids_beyond_depth_raise(family):
     with pytest.raises(ValueError, match="engram_layer_ids"):
         tiny_config(family, engram_layer_ids=[0, 3])

@@ -271,6 +271,35 @@ def test_stored_map_inconsistent_with_config_raises(saved, tmp_path):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [({"engram_seed": 1}, "config.json's engram_seed differ"),
+     ({"engram_pad_token_id": 5}, "config.json's engram_pad_token_id differ"),
+     ({"engram_layer_ids": [0, 1]}, "lacks .*model.layers.1.engram")],
+)
+def test_config_edit_that_changes_hashing_raises(saved, tmp_path, changes, message):
+    """An edited config.json that would silently change every hash is refused by name (a moved layer: its weights)."""
+    folder = _copy_with_config(saved, tmp_path, "llama", **changes)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_missing_engram_weight_raises(saved, tmp_path):
+    folder = _edit_weights(saved, tmp_path, "qwen2", lambda state: state.pop("model.layers.1.engram.value_proj.weight"))
+    with pytest.raises(ValueError, match="lacks .*model.layers.1.engram.value_proj.weight"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_other_table_size_with_ignore_mismatched_sizes_raises(saved, tmp_path):
+    def shrink_table(state):
+        key = "model.layers.2.engram.table.weight"
+        state[key] = state[key][:-1].clone()
+
+    folder = _edit_weights(saved, tmp_path, "llama", shrink_table)
+    with pytest.raises(ValueError, match="model.layers.2.engram.table.weight"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, ignore_mismatched_sizes=True)
+
+
 # --- grafting onto the real SmolLM2 -------------------------------------------------------------------------------
 
 
