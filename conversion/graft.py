@@ -42,6 +42,7 @@ FAMILIES = {
     "qwen3": (_configuration.EngramQwen3Config, EngramQwen3ForCausalLM),
 }
 MODELING_DIR = Path(_configuration.__file__).resolve().parent
+# installed as package data of `engram_hf.hub_cards`: `hub_cards/` beside `conversion/` in a checkout and in a wheel
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "hub_cards" / "model_card.md"
 PROBE_PROMPT = "The Engram memory hashes the last few tokens of the context into large embedding tables."
 TABLE_CHUNK_ROWS = 1 << 16  # rows generated at once (fixed, so the table values do not depend on the shard size)
@@ -403,7 +404,6 @@ def _render_card(result: GraftResult, source: _Source, config, license_: str | N
         license=license_,
         tags=["engram", "conditional-memory", "custom_code", result.family, "text-generation"],
     )
-    template = CARD_TEMPLATE if CARD_TEMPLATE.is_file() else None
     kwargs = dict(
         model_name=result.output_dir.name,
         base_label=base_model or source.label,
@@ -430,11 +430,7 @@ def _render_card(result: GraftResult, source: _Source, config, license_: str | N
         dtype=str(dtype).replace("torch.", ""),
         command=command,
     )
-    if template is not None:
-        return str(ModelCard.from_template(data, template_path=str(template), **kwargs))
-    body = (f"# {kwargs['model_name']}\n\n{kwargs['base_label']} with DeepSeek Engram conditional memory at layers "
-            f"{result.layer_ids}.\n")
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+    return str(ModelCard.from_template(data, template_path=str(CARD_TEMPLATE), **kwargs))
 
 
 # --------------------------------------------------------------------------------------------------------------------

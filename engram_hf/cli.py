@@ -26,11 +26,23 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (the command may run inside a caller that redirects it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_library_log() -> None:
     """The library's progress messages (planned sizes, verification, leftovers) on stderr."""
     log = logging.getLogger("engram_hf")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

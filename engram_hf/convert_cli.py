@@ -52,7 +52,7 @@ def run_publish(args: argparse.Namespace) -> int:
 
     result = publish(
         args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
-        dry_run=args.dry_run, token=args.token,
+        dry_run=args.dry_run, token=args.token, allow_extra=args.allow_extra,
     )
     if args.dry_run:
         print(f"dry run: would upload {len(result)} files from {args.folder} to {args.repo_id}"
@@ -67,25 +67,35 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
     from .generation import generation_config
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+    local = Path(args.model).is_dir()
+    if not local and not args.trust_remote_code:
+        raise ValueError(f"{args.model} is not a local folder: its model code comes from the Hub; read it, then pass "
+                         "--trust-remote-code to run it.")
+    trust = {"trust_remote_code": True, "revision": args.revision}
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **trust)
     kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     if args.device_map:
         kwargs["device_map"] = args.device_map
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, revision=args.revision, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **trust, **kwargs)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     if args.do_sample:
         options["temperature"] = args.temperature
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    config = generation_config(model, **options)
-    outputs = generator(args.prompt, return_full_text=not args.new_only, generation_config=config)
-    print(outputs[0]["generated_text"])
+    chat = tokenizer.chat_template is not None and not args.raw
+    prompt = [{"role": "user", "content": args.prompt}] if chat else args.prompt
+    if not chat and not args.new_only:
+        print(args.prompt, end="", flush=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # the answer, as it is generated
+    generator(prompt, generation_config=generation_config(model, **options), streamer=streamer)
     return 0
 
 
@@ -124,6 +134,8 @@ def add_parsers(commands) -> None:
     publish.add_argument("--create-pr", action="store_true")
     publish.add_argument("--dry-run", action="store_true", help="validate and list the files, upload nothing")
     publish.add_argument("--token", default=None)
+    publish.add_argument("--allow-extra", action="store_true",
+                         help="also upload pickle-format files and executable files that are not the remote code")
     publish.set_defaults(run=run_publish)
 
     generate = commands.add_parser("generate", help="generate text with an Engram model (local folder or Hub id)")
@@ -136,5 +148,8 @@ def add_parsers(commands) -> None:
     generate.add_argument("--dtype", default=None)
     generate.add_argument("--device-map", default=None, help="e.g. auto (Engram tables stay in host memory)")
     generate.add_argument("--revision", default=None)
-    generate.add_argument("--new-only", action="store_true", help="print only the generated continuation")
+    generate.add_argument("--new-only", action="store_true", help="with --raw: print only the continuation")
+    generate.add_argument("--raw", action="store_true", help="continue the prompt as text, without the chat template")
+    generate.add_argument("--trust-remote-code", action="store_true",
+                          help="run the model code of a Hub repository (local folders are trusted)")
     generate.set_defaults(run=run_generate)

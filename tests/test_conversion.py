@@ -519,8 +519,19 @@ def test_publish_refuses_incomplete_folders(qwen2_graft, tmp_path, monkeypatch):
 
 def test_generate_cli(qwen2_graft, capsys):
     out, _ = qwen2_graft
-    assert main(["generate", str(out), "Hello world", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(out), "Hello world", "--max-new-tokens", "3", "--raw"]) == 0
     assert capsys.readouterr().out.startswith("Hello world")
+    # a Hub id runs code from the Hub: only when asked
+    assert main(["generate", "someone/engram-model", "Hello"]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+
+
+def test_generate_cli_chat_template_on_real_smollm2(smollm2_graft, capsys):
+    """An instruct model gets its chat template (the answer, streamed), not a raw continuation of the question."""
+    out, _ = smollm2_graft
+    assert main(["generate", str(out), "What is the capital of France?", "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "Paris" in printed and "What is the capital" not in printed
 
 
 @pytest.mark.parametrize("placement", ["host", "device"])

@@ -194,7 +194,7 @@ def test_generate_command_prints_no_deprecation(saved, tmp_path):
     item = saved["llama"]
     env = {**os.environ, "PYTHONWARNINGS": "always", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "engram_hf.cli", "generate", str(item["folder"]), PROMPT, "--max-new-tokens",
+        [sys.executable, "-m", "engram_hf.cli", "generate", str(item["folder"]), PROMPT, "--raw", "--max-new-tokens",
          str(NEW_TOKENS)],
         env=env, capture_output=True, text=True, timeout=300,
     )
