@@ -626,15 +626,15 @@ def graft(
                     writer.add(f"model.layers.{layer_idx}.engram.{name}",
                                tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
                     engram_params += tensor.numel()
-        for layer_idx, layer in layers.items():
-            rows = table_rows_per_layer[layer_idx]
-            with tqdm(total=rows, desc=f"layer {layer_idx} table", unit="row", unit_scale=True,
-                      disable=not progress) as bar:
+        total_rows = sum(table_rows_per_layer.values())
+        with tqdm(total=total_rows, desc="Engram tables", unit="row", unit_scale=True, disable=not progress) as bar:
+            for layer_idx, layer in layers.items():
+                rows = table_rows_per_layer[layer_idx]
                 chunks = _table_chunks(rows, layer.head_dim, std, seed, layer_idx, out_dtype, bar)
                 writer.add_table(f"model.layers.{layer_idx}.engram.table.weight", rows, layer.head_dim, out_dtype,
                                  chunks)
-            engram_params += rows * layer.head_dim
-            table_params += rows * layer.head_dim
+                engram_params += rows * layer.head_dim
+                table_params += rows * layer.head_dim
         shards = writer.finish()
 
         config.save_pretrained(tmp)
@@ -683,10 +683,17 @@ def load_remote_code(folder: str | os.PathLike, auto_class: str = "AutoModelForC
 def _verify(folder: Path, source: _Source, gguf_kwargs: dict, dtype, tokenizer, base_model=None) -> float:
     """Reload the graft through its remote code and compare its probe-prompt logits with the base model's."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
-    if base_model is None:
-        base_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, **gguf_kwargs)
-    grafted, info = load_remote_code(folder, dtype=dtype, output_loading_info=True)
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # one bar per phase: no loading bars of the check's two loads
+    try:
+        if base_model is None:
+            base_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, **gguf_kwargs)
+        grafted, info = load_remote_code(folder, dtype=dtype, output_loading_info=True)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
     if not type(grafted).__module__.startswith("transformers_modules"):
         raise RuntimeError(f"Verification loaded {type(grafted).__module__}, not the checkpoint's remote code.")
     problems = {kind: sorted(map(str, keys)) for kind, keys in info.items() if keys}
