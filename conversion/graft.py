@@ -1,4 +1,4 @@
-"""Graft Engram conditional memory onto a pretrained Llama / Qwen2 / Qwen3 checkpoint (spec §4).
+"""Graft Engram conditional memory onto a pretrained Llama / Qwen2 / Qwen3 checkpoint (design §4).
 
 The grafted model starts out computing exactly what the base computes: every Engram layer gets the graft init
 (value projection and ShortConv zero), so its update is exactly zero until training moves it.
@@ -467,7 +467,7 @@ def graft(
             `snapshot_download` (works offline from the cache).
         output_dir: the folder to create; written under a temporary name next to it and renamed at the end.
         layer_ids: 0-based decoder layers that get Engram (default: 1 and half depth).
-        max_ngram_size, n_head_per_ngram, n_embed_per_ngram: table geometry (spec §2-§3); `embed_per_head`
+        max_ngram_size, n_head_per_ngram, n_embed_per_ngram: table geometry (design §2-§3); `embed_per_head`
             sets `n_embed_per_ngram = n_head_per_ngram * embed_per_head` instead.
         table_rows: rows of each head's table: None (5 x V'), an int, `"Nx"` (N x V'), or a parameter budget for all
             tables together such as `"2B"` or `"300M"`.

@@ -14,7 +14,7 @@ ENGRAM_AUTO_HOST_PARAMETERS = 2**27
 
 @dataclass(repr=False)
 class EngramConfigMixin:
-    """Engram fields shared by every family (spec §2-§3); unset values get defaults from the base config.
+    """Engram fields shared by every family (design §2-§3); unset values get defaults from the base config.
 
     engram_layer_ids: 0-based decoder layers carrying Engram (default: layer 1 and half depth).
     engram_max_ngram_size: largest n-gram order N (orders 2..N).

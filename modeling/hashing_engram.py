@@ -1,4 +1,4 @@
-"""Engram n-gram hashing (spec §2): multipliers, prime table sizes and vectorised row ids."""
+"""Engram n-gram hashing (design §2): multipliers, prime table sizes and vectorised row ids."""
 
 from __future__ import annotations
 

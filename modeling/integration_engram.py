@@ -266,7 +266,7 @@ class PreTrainedHooks:
       chunked prefill; `None` leaves the layers to initialise at their first update, which lets the Engram state
       layers be swapped in first (the cost: a possible recompilation on the next call, as transformers notes).
     - `_no_placement_params`: parameter names that accelerate's dispatch leaves out of the device map check, so a map
-      without the tables is accepted (they stay in host memory, spec §6).
+      without the tables is accepted (they stay in host memory, design §6).
     Checked: 5.16.0-5.24.0.
     """
 

@@ -1,4 +1,4 @@
-"""The Engram layer (spec §3): table lookup, hidden-state gating, value projection and dilated ShortConv."""
+"""The Engram layer (design §3): table lookup, hidden-state gating, value projection and dilated ShortConv."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class EngramShortConv(nn.Module):
 
 
 class EngramTable(nn.Embedding):
-    """The hashed-memory table of one Engram layer; by default it stays in host memory (spec §6).
+    """The hashed-memory table of one Engram layer; by default it stays in host memory (design §6).
 
     With `keep_on_host` (set from `config.engram_table_device`), `model.to(device)` / `.cuda()` convert its dtype but
     never move it off the host (only moves to the CPU, or materialising it from the meta device, change its device);

@@ -60,7 +60,7 @@ _device_map_request: ContextVar[tuple[str, dict | None] | None] = ContextVar("en
 def plan_device_map(model: nn.Module, strategy: str, max_memory: dict | None = None, hf_quantizer=None) -> dict:
     """transformers' `device_map="auto"` (or `"balanced"`, ...) plan for `model`, with the tables left out.
 
-    Engram tables stay in host memory (spec §6), so their bytes count against no device budget: the planner sees empty
+    Engram tables stay in host memory (design §6), so their bytes count against no device budget: the planner sees empty
     stand-ins, and the tables get no entry (see `keep_tables_on_host`). Engram decoder layers are kept whole on one
     device, like the family's own decoder layers.
     """
@@ -124,7 +124,7 @@ class EngramPreTrainedMixin(PreTrainedHooks):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if getattr(module, "engram_zero_init", False):
-            # graft init (spec §4): value path and conv start at zero, so every Engram layer adds exactly zero
+            # graft init (design §4): value path and conv start at zero, so every Engram layer adds exactly zero
             init.zeros_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)

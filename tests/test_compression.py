@@ -1,4 +1,4 @@
-"""Tokenizer compression (spec §1) on real vocabularies, and the EngramTokenizer wrapper."""
+"""Tokenizer compression (design §1) on real vocabularies, and the EngramTokenizer wrapper."""
 
 import pytest
 import torch

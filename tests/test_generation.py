@@ -1,4 +1,4 @@
-"""Cached generation of Engram models equals a full uncached forward (spec §5), for every family and decoding mode.
+"""Cached generation of Engram models equals a full uncached forward (design §5), for every family and decoding mode.
 
 Tiny random models on the real SmolLM2 / Qwen2.5 tokenizers and compression maps, ShortConv on, every Engram weight
 non-zero. Each generated step's logits are compared with `model(full_sequence, use_cache=False)`.

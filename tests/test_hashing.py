@@ -1,4 +1,4 @@
-"""N-gram hashing (spec §2): golden vectors, structural properties, padding and bad input."""
+"""N-gram hashing (design §2): golden vectors, structural properties, padding and bad input."""
 
 import json
 from pathlib import Path
@@ -42,7 +42,7 @@ def test_golden_vectors(case):
 
 
 def _reference_hash(ids, multipliers, primes, pad, n):
-    """Plain-Python recomputation of spec §2 for one layer."""
+    """Plain-Python recomputation of design §2 for one layer."""
     out = []
     for row in ids:
         row_out = []

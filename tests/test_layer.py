@@ -1,4 +1,4 @@
-"""The Engram layer (spec §3) against an independent float64 recomputation; ShortConv receptive field; graft init."""
+"""The Engram layer (design §3) against an independent float64 recomputation; ShortConv receptive field; graft init."""
 
 import numpy as np
 import pytest

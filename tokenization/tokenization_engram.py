@@ -1,4 +1,4 @@
-"""Tokenizer compression (spec §1): the surjective raw-id -> compressed-id map, and a tokenizer wrapper carrying it."""
+"""Tokenizer compression (design §1): the surjective raw-id -> compressed-id map, and a tokenizer wrapper carrying it."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ def engram_layers(model: nn.Module) -> list[EngramLayer]:
 def empty_memory_(model: nn.Module, value_std: float | None = None, seed: int | None = None) -> nn.Module:
     """Re-initialise the Engram memory of `model` for fine-tuning: tables zero, W_V ~ N(0, value_std); returns `model`.
 
-    The graft (spec §4) zeroes W_V and keeps random tables, so once W_V learns, every n-gram the training never saw
+    The graft (design §4) zeroes W_V and keeps random tables, so once W_V learns, every n-gram the training never saw
     still reads a random row and adds `W_V e` to the residual stream: noise on all other text. Swapping which factor
     is zero keeps the model exactly its base function (`e = 0` gives `W_V e = 0`, the ShortConv of zeros is zero),
     and since a table's gradient reaches only the rows of the batch, untouched rows stay zero for good. `value_std`
