@@ -6,6 +6,7 @@ Importing this package registers the Engram configs and models with the Auto cla
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .families import FAMILIES, engram_config_from_base
 from .modeling.configuration_engram import EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config
 from .modeling.hashing_engram import NgramHasher
 from .modeling.modeling_engram_llama import EngramLlamaForCausalLM, EngramLlamaModel
@@ -14,14 +15,10 @@ from .modeling.modeling_engram_qwen3 import EngramQwen3ForCausalLM, EngramQwen3M
 from .tokenization.tokenization_engram import EngramTokenizer, build_compression_map
 from .conversion.graft import GraftResult, graft
 
-for _config, _model, _causal_lm in (
-    (EngramLlamaConfig, EngramLlamaModel, EngramLlamaForCausalLM),
-    (EngramQwen2Config, EngramQwen2Model, EngramQwen2ForCausalLM),
-    (EngramQwen3Config, EngramQwen3Model, EngramQwen3ForCausalLM),
-):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
-    AutoModelForCausalLM.register(_config, _causal_lm, exist_ok=True)
+for _family in FAMILIES.values():
+    AutoConfig.register(_family.config_class.model_type, _family.config_class, exist_ok=True)
+    AutoModel.register(_family.config_class, _family.model_class, exist_ok=True)
+    AutoModelForCausalLM.register(_family.config_class, _family.causal_lm_class, exist_ok=True)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -38,5 +35,6 @@ __all__ = [
     "GraftResult",
     "NgramHasher",
     "build_compression_map",
+    "engram_config_from_base",
     "graft",
 ]

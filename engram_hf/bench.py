@@ -30,32 +30,9 @@ from transformers import (
     StaticCache,
 )
 
-from .conversion.graft import FAMILIES
+from .conversion.twin import engram_twin
 from .modeling.hashing_engram import NgramHasher, layer_multipliers
 from .modeling.integration_engram import CACHE_KWARG, output_cache
-from .tokenization.tokenization_engram import build_compression_map
-
-_DROP_KEYS = {"model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
-
-
-def engram_twin(base: nn.Module, tokenizer, compression=None, **engram_fields) -> nn.Module:
-    """An in-memory Engram model holding `base`'s weights, with graft init (computes exactly `base`'s function)."""
-    family = base.config.model_type
-    if family not in FAMILIES:
-        raise ValueError(f"Unsupported model type {family!r}; supported: {', '.join(FAMILIES)}.")
-    config_class, model_class = FAMILIES[family]
-    cmap, v_prime = compression if compression is not None else build_compression_map(tokenizer)
-    fields = {k: v for k, v in base.config.to_dict().items() if k not in _DROP_KEYS}
-    config = config_class(
-        **fields, engram_map_size=len(tokenizer), engram_compressed_vocab_size=v_prime, **engram_fields
-    )
-    model = model_class(config).to(base.dtype)
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    if unexpected or any("engram" not in key for key in missing):
-        raise ValueError(f"Base weights do not fit the Engram model: missing {missing}, unexpected {unexpected}.")
-    model.set_compression_map(cmap)
-    return model.eval()
-
 
 def numpy_reference_hash(compressed: np.ndarray, multipliers: list[list[int]], moduli: list[list[int]], n: int, k: int, pad: int):
     """The reference definition in plain NumPy: full-sequence recompute, a loop over layers, orders and heads."""
@@ -385,7 +362,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         results["memory"]["load_base_peak_rss_gib"] = _peak_rss_of(loader)
         results["memory"]["load_and_graft_peak_rss_gib"] = _peak_rss_of(
             f"{loader.replace('A.from_pretrained', 'b = A.from_pretrained')}\n"
-            f"from transformers import AutoTokenizer; from engram_hf.bench import engram_twin\n"
+            f"from transformers import AutoTokenizer; from engram_hf.conversion.twin import engram_twin\n"
             f"engram_twin(b, AutoTokenizer.from_pretrained({model_id!r}, **{load!r}))"
         )
     return results

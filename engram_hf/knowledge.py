@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
-from .bench import _load_base, engram_twin
+from .bench import _load_base
+from .conversion.twin import engram_twin
 from .training import EngramTrainer
 from .training.optim import engram_tables
 
@@ -269,7 +270,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
     distill = bool(args.replay) and args.replay_target == "base"  # replay held to the untrained model's predictions
     if "engram" in mode:
         model = engram_twin(
-            base, tokenizer, engram_layer_ids=args.layers or [1, base.config.num_hidden_layers // 2],
+            base, tokenizer, engram_layer_ids=args.layers,  # None: the config's default (1 and half depth)
             engram_vocab_size=[args.table_rows_per_head] * 2,
         )
         if args.memory_init == "empty":

@@ -8,6 +8,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 TABLE_DEVICES = ("host", "device", "auto")
+
+
+def default_engram_layer_ids(num_hidden_layers: int) -> list[int]:
+    """Layer 1 and half depth (design §3), distinct for any depth: `[0]` for 1 layer, `[1]` for 2 or 3."""
+    return sorted({min(1, num_hidden_layers - 1), num_hidden_layers // 2})
 # "auto" keeps a table in host memory above this many parameters (512 MiB in float32, 256 MiB in bfloat16)
 ENGRAM_AUTO_HOST_PARAMETERS = 2**27
 
@@ -16,7 +21,7 @@ ENGRAM_AUTO_HOST_PARAMETERS = 2**27
 class EngramConfigMixin:
     """Engram fields shared by every family (design §2-§3); unset values get defaults from the base config.
 
-    engram_layer_ids: 0-based decoder layers carrying Engram (default: layer 1 and half depth).
+    engram_layer_ids: 0-based decoder layers carrying Engram (default: `default_engram_layer_ids`).
     engram_max_ngram_size: largest n-gram order N (orders 2..N).
     engram_n_embed_per_ngram: memory width per order, split over the heads.
     engram_n_head_per_ngram: hash heads K per order.
@@ -53,7 +58,7 @@ class EngramConfigMixin:
 
     def _fill_engram_defaults(self) -> None:
         if self.engram_layer_ids is None:
-            self.engram_layer_ids = sorted({min(1, self.num_hidden_layers - 1), self.num_hidden_layers // 2})
+            self.engram_layer_ids = default_engram_layer_ids(self.num_hidden_layers)
         self.engram_layer_ids = [int(i) for i in self.engram_layer_ids]
         if self.engram_map_size is None:
             self.engram_map_size = self.vocab_size

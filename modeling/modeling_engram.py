@@ -26,6 +26,13 @@ from .integration_engram import (
 from .layer_engram import EngramLayer, EngramTable
 
 
+def copy_remote_code(folder: str | Path) -> None:
+    """Copy every remote-code file (this folder's modules) into a checkpoint folder."""
+    for source in Path(__file__).parent.glob("*.py"):
+        if source.name != "__init__.py":
+            shutil.copy(source, Path(folder) / source.name)
+
+
 def keep_tables_on_host(model: nn.Module, device_map: dict) -> dict:
     """Rewrite `device_map` in place so that no entry covers an Engram table (`EngramTable` with `keep_on_host`).
 
@@ -216,18 +223,21 @@ class EngramPreTrainedMixin(PreTrainedHooks):
             )
         return (model, info) if want_info else model
 
+    @classmethod
+    def remote_code_auto_map(cls) -> dict[str, str]:
+        """`config.auto_map` of a checkpoint of this family: the Auto classes -> this folder's remote code."""
+        module = cls.__module__.rsplit(".", 1)[-1]
+        config_module = cls.config_class.__module__.rsplit(".", 1)[-1]
+        return {
+            "AutoConfig": f"{config_module}.{cls.config_class.__name__}",
+            **{auto: f"{module}.{name}" for auto, name in cls.engram_auto_classes.items()},
+        }
+
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Save weights and config, plus `auto_map` and every remote-code file of this folder."""
-        module = type(self).__module__.rsplit(".", 1)[-1]
-        config_module = type(self.config).__module__.rsplit(".", 1)[-1]
-        self.config.auto_map = {
-            "AutoConfig": f"{config_module}.{type(self.config).__name__}",
-            **{auto: f"{module}.{name}" for auto, name in self.engram_auto_classes.items()},
-        }
+        self.config.auto_map = self.remote_code_auto_map()
         super().save_pretrained(save_directory, *args, **kwargs)
-        for source in Path(__file__).parent.glob("*.py"):
-            if source.name != "__init__.py":
-                shutil.copy(source, Path(save_directory) / source.name)
+        copy_remote_code(save_directory)
 
 
 class EngramModelMixin:

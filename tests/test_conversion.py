@@ -298,7 +298,7 @@ def test_interrupted_conversion_leaves_nothing(qwen2_base, tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(graft_module, "_render_card", boom)
+    monkeypatch.setattr(graft_module, "render_card", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         engram_hf.graft(qwen2_base, out, **TINY)
     assert _leftovers(out) == []

@@ -131,7 +131,7 @@ def test_replay_trainer_can_keep_tables_out_of_replay(tmp_path):
     """`replay_tables=False`: the same loss, but the replay rows' KL reaches every parameter except the tables."""
     from transformers import TrainingArguments
 
-    from engram_hf.bench import engram_twin
+    from engram_hf.conversion.twin import engram_twin
     from engram_hf.knowledge import _ReplayTrainer
     from engram_hf.training import empty_memory_
     from engram_hf.training.optim import engram_tables

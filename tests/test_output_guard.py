@@ -34,14 +34,14 @@ def _dead_pid() -> int:
 
 def test_folder_created_during_conversion_survives(qwen2_base, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    render = graft_module._render_card
+    render = graft_module.render_card
 
     def render_and_race(*args, **kwargs):  # someone creates OUT while the conversion runs
         out.mkdir()
         (out / "theirs.txt").write_text("keep me")
         return render(*args, **kwargs)
 
-    monkeypatch.setattr(graft_module, "_render_card", render_and_race)
+    monkeypatch.setattr(graft_module, "render_card", render_and_race)
     with pytest.raises(FileExistsError, match="created while the conversion ran"):
         engram_hf.graft(qwen2_base, out, verify=False, **TINY)
     assert (out / "theirs.txt").read_text() == "keep me"

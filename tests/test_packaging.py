@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import sys
 import engram_hf
-from engram_hf.conversion.graft import CARD_TEMPLATE
+from engram_hf.conversion.card import CARD_TEMPLATE
 assert engram_hf.__file__.startswith(sys.argv[1]), engram_hf.__file__  # the wheel's copy, not the checkout
 assert CARD_TEMPLATE.is_file(), CARD_TEMPLATE
 engram_hf.graft(sys.argv[2], sys.argv[3], verify=False, **eval(sys.argv[4]))
