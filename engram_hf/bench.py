@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import resource
 import statistics
@@ -13,7 +12,6 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,15 +19,11 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
     DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
     StaticCache,
 )
 
+from .bundled import load_base
 from .conversion.twin import engram_twin
 from .modeling.hashing_engram import NgramHasher, layer_multipliers
 from .modeling.integration_engram import CACHE_KWARG, output_cache
@@ -198,59 +192,9 @@ def _peak_rss_of(code: str) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 2**20  # kB -> GiB
 
 
-# random-weight shapes for `--shape` (the SmolLM2 vocabulary: its tokenizer gives the compression map)
-SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8),
-}
-
-
-def _load_base(model_id: str | None, tiny: bool, random_weights: bool = False, shape: str | None = None):
-    if shape is not None:
-        from .demo import bundled_smollm2_gguf
-
-        gguf = bundled_smollm2_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **SHAPES[shape])
-        return LlamaForCausalLM(config).eval(), tokenizer, f"{shape} Llama shape, random weights", "tiny"
-    if tiny:
-        from .demo import bundled_smollm2_gguf
-
-        gguf = bundled_smollm2_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        )
-        return LlamaForCausalLM(config).eval(), tokenizer, "tiny random Llama (SmolLM2 tokenizer)", "tiny"
-    if model_id is None:
-        from .demo import bundled_smollm2_gguf
-
-        gguf = bundled_smollm2_gguf()
-        load = dict(gguf_file=gguf.name)
-        model_id, name = str(gguf.parent), "SmolLM2-135M-Instruct (GGUF, dequantised to float32)"
-    elif model_id.endswith(".gguf"):
-        gguf = Path(model_id)
-        load, model_id, name = dict(gguf_file=gguf.name), str(gguf.parent), gguf.name
-    else:
-        load, name = {}, model_id
-    tokenizer = AutoTokenizer.from_pretrained(model_id, **load)
-    if random_weights:  # same architecture, random weights: speed figures only (e.g. where the weights cannot travel)
-        config = AutoConfig.from_pretrained(model_id, **load)
-        return AutoModelForCausalLM.from_config(config).eval(), tokenizer, f"{name} (random weights)", "tiny"
-    base = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, **load).eval()
-    if base.hf_quantizer is not None:  # GGUF weights are dequantised at load: make it a plain (trainable) float model
-        base.hf_quantizer.remove_quantization_config(base)
-    return base, tokenizer, name, (model_id, load)
-
-
 def run_bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    base, tokenizer, name, source = _load_base(args.model, args.tiny, args.random_weights, args.shape)
+    base, tokenizer, name, source = load_base(args.model, args.tiny, args.random_weights, args.shape)
     dtype = getattr(torch, args.dtype)
     base.to(dtype)
     engram = engram_twin(
@@ -366,91 +310,3 @@ def run_bench(args: argparse.Namespace) -> dict:
             f"engram_twin(b, AutoTokenizer.from_pretrained({model_id!r}, **{load!r}))"
         )
     return results
-
-
-def _print_table(results: dict) -> None:
-    s = results["speed"]
-    print(f"\nmodel: {results['model']}   machine: {results['machine']['processor']}, "
-          f"{results['machine']['torch_threads']} threads, torch {results['machine']['torch']}")
-    print(f"{'':28}{'base':>12}{'engram':>12}{'ratio':>8}")
-    print(f"{'prefill tokens/s':28}{s['base']['prefill_tok_s']:12.1f}{s['engram']['prefill_tok_s']:12.1f}"
-          f"{s['prefill_ratio']:8.3f}")
-    print(f"{'greedy decode tokens/s':28}{s['base']['decode_tok_s']:12.1f}{s['engram']['decode_tok_s']:12.1f}"
-          f"{s['decode_ratio']:8.3f}")
-    k = results["kernels_per_decode_step"]
-    print(f"{'kernels per eager decode step':28}{k['base']:12d}{k['engram']:12d}  "
-          f"(+{k['per_engram_layer']:.1f} per Engram layer)")
-    print("\ntable rows per layer -> decode ms/token")
-    for row in results["table_sweep"]:
-        print(f"  2^{row['log2_rows']:<3} ({row['rows_per_layer']:>11,} rows) {row['decode_ms_per_token']:8.3f}")
-    print(f"  ms(smallest) / ms(largest) = {results['table_sweep_ratio']:.3f}")
-    h = results["hashing"]
-    print(f"\nhashing per decode step: {h['decode_step_us_ctx128']:.1f} us (ctx 128), "
-          f"{h['decode_step_us_ctx4096']:.1f} us (ctx 4096) from the raw id (compress, id cache, hash); "
-          f"{h['decode_step_hash_only_us']:.1f} us the hashing alone")
-    print(f"prefill hashing: {h['prefill_tok_s_torch']:,.0f} tok/s torch vs "
-          f"{h['prefill_tok_s_numpy_reference']:,.0f} tok/s NumPy reference (x{h['prefill_speedup']:.1f})")
-    print("memory: " + ", ".join(f"{k} = {v:.2f}" for k, v in results["memory"].items()))
-
-
-def _plot(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    s = results["speed"]
-    labels = ["prefill tok/s", "decode tok/s"]
-    x = np.arange(2)
-    left.bar(x - 0.2, [s["base"]["prefill_tok_s"], s["base"]["decode_tok_s"]], 0.4, label="base")
-    left.bar(x + 0.2, [s["engram"]["prefill_tok_s"], s["engram"]["decode_tok_s"]], 0.4, label="engram")
-    left.set_xticks(x, labels)
-    left.set_yscale("log")
-    left.legend()
-    left.set_title(results["model"][:40])
-    sweep = results["table_sweep"]
-    right.plot([r["log2_rows"] for r in sweep], [r["decode_ms_per_token"] for r in sweep], marker="o")
-    right.set_xlabel("log2(table rows per layer)")
-    right.set_ylabel("decode ms / token")
-    right.set_ylim(0, 1.2 * max(r["decode_ms_per_token"] for r in sweep))
-    right.set_title("O(1) lookup: decode time vs table size")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
-
-
-def run(args: argparse.Namespace) -> int:
-    results = run_bench(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=2))
-    _print_table(results)
-    chart = _plot(results, out / "bench.png")
-    print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if chart else " (no matplotlib: no chart)"))
-    return 0
-
-
-def add_parser(commands) -> None:
-    parser = commands.add_parser("bench", help="speed and memory of Engram vs its base model")
-    parser.add_argument("--model", help="local folder, .gguf file or Hub id (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
-    parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights")
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="a random-weight Llama of this shape (SmolLM2 vocabulary)")
-    parser.add_argument("--device", default="cpu", help="compute device")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--compile", action="store_true",
-                        help="static cache + torch.compile'd decode step, both models alike (CUDA graphs on a GPU)")
-    parser.add_argument("--table-device", default="host", choices=["host", "device", "auto"],
-                        help="where the Engram tables live (engram_table_device)")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--hash-len", type=int, default=8192)
-    parser.add_argument("--table-log2", type=int, nargs="+", default=[16, 20, 24, 26])
-    parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(run=run)

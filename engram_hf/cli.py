@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 
-from . import bench, bench_convert, convert_cli, demo, knowledge
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engram-hf", description="DeepSeek Engram for Hugging Face transformers.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_parser(commands)
-    bench.add_parser(commands)
-    bench_convert.add_parser(commands)
-    convert_cli.add_parsers(commands)
-    knowledge.add_parser(commands)
-    return parser
+from .commands import build_parser
 
 
 def _terminate(signum, frame) -> None:

