@@ -7,6 +7,8 @@ import logging
 import re
 from pathlib import Path
 
+from .source import source_shards
+
 logger = logging.getLogger(__name__)
 REQUIRED_TAGS = ("engram", "custom_code")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -94,19 +96,8 @@ def validate_folder(folder: str | Path, allow_extra: bool = False) -> list[str]:
         raise ValueError(f"config.json in {folder} does not load: {error}") from error
     if not getattr(config, "engram_layer_ids", None):
         raise ValueError(f"config.json in {folder} has no engram_* fields.")
-    _check_remote_code(folder.resolve(), auto_map)
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as error:
-            raise ValueError(f"Invalid {index.name}: {error}") from error
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-        if missing:
-            raise ValueError(f"Shards listed in {index.name} are missing: {missing}")
-    elif not (folder / "model.safetensors").is_file():
-        raise ValueError(f"{folder} has neither model.safetensors nor model.safetensors.index.json.")
+    source_shards(folder)  # the index parses and names only shards that exist (or a model.safetensors is there)
     if not (folder / "tokenizer_config.json").is_file():
         raise ValueError(f"{folder} has no tokenizer (tokenizer_config.json).")
 
@@ -153,6 +144,7 @@ def validate_folder(folder: str | Path, allow_extra: bool = False) -> list[str]:
                              "--allow-extra to upload it anyway.")
         elif not allow_extra and suffix in EXECUTABLE_SUFFIXES and rel not in remote_code:
             raise ValueError(f"{rel} is not part of the Engram remote code; remove it, or pass --allow-extra.")
+    _check_remote_code(folder.resolve(), auto_map)  # last: the slowest check (a fresh process)
     return files
 
 

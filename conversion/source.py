@@ -67,7 +67,7 @@ def source_shards(folder: Path) -> list[Path]:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"Base folder {folder} holds no safetensors weights (model.safetensors or an index).")
+        raise ValueError(f"{folder} holds no safetensors weights (model.safetensors or an index).")
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise ValueError(f"Safetensors shards listed in {index.name} are missing from {folder}: {missing}")

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import queue as queues
 import multiprocessing
 import random
@@ -22,13 +23,13 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import TrainingArguments
 
 from .bundled import load_base
 from .conversion.twin import engram_twin
 from .training import EngramTrainer
-from .training.optim import engram_tables
+
+logger = logging.getLogger(__name__)
 
 # relation: (two training statements, held-out question + answer stem); the answer follows the stem
 RELATIONS = {
@@ -151,7 +152,7 @@ class _FactData(torch.utils.data.Dataset):
     where the answer comes first, as in "{a} invented the {e}": an answer before its entity cannot be predicted, and
     learning it only teaches "The" -> some name), `"answer"` the answer wherever it stands, `"all"` every token.
     Replay text is labelled in full (`replay_target="text"`) or left unlabelled and marked in `batch["replay"]`
-    (`"base"`: the trainer keeps the model's predictions there close to the base model's, see `_ReplayTrainer`).
+    (`"base"`: the trainer keeps the model's predictions there close to the base model's, see `EngramTrainer`'s KL replay).
     """
 
     def __init__(
@@ -192,65 +193,6 @@ class _FactData(torch.utils.data.Dataset):
             keep[batch["replay"]] = False
         batch["labels"] = batch["input_ids"].masked_fill(~keep, -100)
         return dict(batch)
-
-
-class _ReplayTrainer(EngramTrainer):
-    """Cross-entropy on the labelled tokens plus, on replay rows, KL(base || model) of the next-token distributions.
-
-    The frozen `teacher` computes exactly what the model computed before training (a graft is exact, LoRA starts at
-    zero), so on general text the model is pulled back towards its own starting predictions rather than towards that
-    text's particular continuations ("learning without forgetting"). Each token counts once in the mean. With
-    `replay_tables=False` the replay rows run in a second forward pass whose table lookups take no gradient: the tables
-    cannot learn to undo the rest of the model's drift on the replay text's own n-grams (a patch that does not carry
-    over to other text).
-    """
-
-    def __init__(self, *args, teacher: torch.nn.Module, replay_tables: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.replay_tables = replay_tables
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        replay, labels = inputs.pop("replay"), inputs.pop("labels")  # [B], [B, T]
-        parts = [(torch.ones_like(replay), True)] if self.replay_tables else [(~replay, True), (replay, False)]
-        total, count, outputs = 0.0, 0, None
-        for rows, tables_learn in parts:
-            if not rows.any():
-                continue
-            with contextlib.nullcontext() if tables_learn else _frozen(engram_tables(model)):
-                part = model(**{key: value[rows] for key, value in inputs.items()})
-            outputs = part if outputs is None else outputs  # returned: the first part's (fact rows if split)
-            logits = part.logits[:, :-1].float()  # [b, T-1, V]: position t predicts token t+1
-            targets = labels[rows][:, 1:]
-            total = total + F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-            count = count + (targets != -100).sum()
-            kept = replay[rows]
-            if kept.any():
-                mask = inputs["attention_mask"][rows][kept]
-                with torch.no_grad():
-                    teacher = self.teacher(input_ids=inputs["input_ids"][rows][kept], attention_mask=mask)
-                reference = teacher.logits[:, :-1].float().log_softmax(-1)  # [R, T-1, V]
-                student = logits[kept].log_softmax(-1)
-                kl = F.kl_div(student, reference, reduction="none", log_target=True).sum(-1)  # [R, T-1]
-                real = mask[:, 1:].bool()  # the next token is text, not padding
-                total = total + kl[real].sum()
-                count = count + real.sum()
-        loss = total / count.clamp_min(1)
-        return (loss, outputs) if return_outputs else loss
-
-
-@contextlib.contextmanager
-def _frozen(modules: list[torch.nn.Module]):
-    """Parameters of `modules` take no gradient inside the block."""
-    flags = [p.requires_grad for m in modules for p in m.parameters()]
-    for module in modules:
-        module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for param, flag in zip((p for m in modules for p in m.parameters()), flags):
-            param.requires_grad_(flag)
 
 
 def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
@@ -294,14 +236,11 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
             save_strategy="no", report_to=[], logging_steps=max(1, args.steps // 10), use_cpu=True,
             disable_tqdm=True, seed=args.seed, dataloader_num_workers=0,
         )
-        trainer_class, extra = (
-            (_ReplayTrainer, {"teacher": teacher, "replay_tables": args.replay_tables == "learn"})
-            if distill else (EngramTrainer, {})
-        )
-        trainer = trainer_class(
+        trainer = EngramTrainer(
             model=model, args=training, train_dataset=data, data_collator=data.collate,
             table_optimizer=args.table_optimizer, table_lr_multiplier=args.table_lr_multiplier,
-            engram_lr=args.engram_lr, **extra,
+            engram_lr=args.engram_lr, teacher=teacher if distill else None,
+            replay_tables=args.replay_tables == "learn",
         )
         start = time.perf_counter()
         trainer.train()
@@ -340,6 +279,6 @@ def run_knowledge_bench(args: argparse.Namespace) -> dict:
                     raise RuntimeError(f"knowledge-bench mode {mode!r} failed (exit code {process.exitcode}).")
         process.join()
         results.append(result)
-        print(json.dumps(result), flush=True)
+        logger.info(json.dumps(result))
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
     return {"settings": settings, "results": results}

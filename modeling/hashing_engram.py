@@ -23,6 +23,17 @@ def _digest(values: Sequence[int]) -> int:
     return int(hashlib.sha256(json.dumps([int(v) for v in values]).encode()).hexdigest()[:15], 16)
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a `ValueError` naming the first id outside `0 .. vocab_size - 1` (one reduction: one accelerator sync)."""
+    if ids.numel():
+        bounds = torch.aminmax(ids)
+        if int(bounds.min) < 0 or int(bounds.max) >= vocab_size:
+            bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
+            raise ValueError(
+                f"Token id {bad} is out of range for the Engram compression map (vocabulary size {vocab_size})."
+            )
+
+
 def layer_multipliers(layer_id: int, max_ngram_size: int, compressed_vocab_size: int, seed: int) -> list[int]:
     """Odd int64 multipliers of one Engram layer, indexed by look-back distance (0 = current token)."""
     half_bound = max(1, (2**63 - 1) // compressed_vocab_size // 2)
@@ -192,15 +203,9 @@ class NgramHasher(torch.nn.Module):
         input_ids = input_ids.long()  # int32 ids too, as the base model's embedding takes them
         if attention_mask is not None:
             input_ids = input_ids.masked_fill(attention_mask[:, -input_ids.shape[1] :] == 0, self.pad_token_id)
-        vocab = self.compression_map.shape[0]
         # the clear error needs a host sync, kept out of compiled graphs (there `take` itself rejects a bad id)
-        if input_ids.numel() and not torch.compiler.is_compiling():
-            bounds = torch.aminmax(input_ids)  # one reduction; reading it syncs an accelerator once
-            if int(bounds.min) < 0 or int(bounds.max) >= vocab:
-                bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
-                raise ValueError(
-                    f"Token id {bad} is out of range for the Engram compression map (vocabulary size {vocab})."
-                )
+        if not torch.compiler.is_compiling():
+            check_token_ids(input_ids, self.compression_map.shape[0])
         return self.compression_map.take(input_ids)
 
     def forward(

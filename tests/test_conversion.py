@@ -230,7 +230,7 @@ def _stored_table(folder: Path, name: str) -> torch.Tensor:
 def test_big_tables_split_across_shards(whole_graft, split_graft):
     out, result = split_graft
     assert result.max_abs_diff == 0.0  # reloaded through remote code, logits equal to the base's
-    weight_map, limit = _weight_map(out), graft_module._parse_size(SPLIT_SHARD)
+    weight_map, limit = _weight_map(out), graft_module.parse_size(SPLIT_SHARD)
     assert all((out / file).stat().st_size <= limit for file in result.shards)  # headers included
     by_file: dict[str, list[str]] = {}
     for key, file in weight_map.items():

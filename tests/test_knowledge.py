@@ -88,7 +88,7 @@ def test_replay_trainer_loss_matches_float64_reference(tmp_path):
     """Cross-entropy on answer tokens plus KL(teacher || model) on replay rows, one mean over both kinds of token."""
     from transformers import TrainingArguments
 
-    from engram_hf.knowledge import _ReplayTrainer
+    from engram_hf.training import EngramTrainer
 
     tokenizer = smollm2_tokenizer()
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -99,7 +99,7 @@ def test_replay_trainer_loss_matches_float64_reference(tmp_path):
 
     model, teacher = _tiny_llama(0), _tiny_llama(1)
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
-    trainer = _ReplayTrainer(model=model, args=args, teacher=teacher, data_collator=data.collate)
+    trainer = EngramTrainer(model=model, args=args, teacher=teacher, data_collator=data.collate)
     loss = trainer.compute_loss(model, batch)
 
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_replay_trainer_loss_matches_float64_reference(tmp_path):
     assert count > 8 and loss.item() == pytest.approx(total / count, rel=1e-5)
 
     # the teacher is the model before training: the KL part starts at zero, with (up to rounding) zero gradient
-    same = _ReplayTrainer(model=model, args=args, teacher=_tiny_llama(0), data_collator=data.collate)
+    same = EngramTrainer(model=model, args=args, teacher=_tiny_llama(0), data_collator=data.collate)
     replay_only = {k: v[batch["replay"]] for k, v in batch.items()}
     zero = same.compute_loss(model, replay_only)
     zero.backward()
@@ -132,7 +132,7 @@ def test_replay_trainer_can_keep_tables_out_of_replay(tmp_path):
     from transformers import TrainingArguments
 
     from engram_hf.conversion.twin import engram_twin
-    from engram_hf.knowledge import _ReplayTrainer
+    from engram_hf.training import EngramTrainer
     from engram_hf.training import empty_memory_
     from engram_hf.training.optim import engram_tables
 
@@ -147,7 +147,7 @@ def test_replay_trainer_can_keep_tables_out_of_replay(tmp_path):
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
     losses = {}
     for replay_tables in (True, False):
-        trainer = _ReplayTrainer(model=model, args=args, teacher=_tiny_llama(1), data_collator=data.collate,
+        trainer = EngramTrainer(model=model, args=args, teacher=_tiny_llama(1), data_collator=data.collate,
                                  replay_tables=replay_tables)
         losses[replay_tables] = trainer.compute_loss(model, batch).item()
         model.zero_grad(set_to_none=True)

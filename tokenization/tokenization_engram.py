@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from tokenizers import Regex, normalizers
 
+from ..modeling.hashing_engram import check_token_ids
+
 _SENTINEL = "\ue000"
 
 
@@ -76,10 +78,7 @@ class EngramTokenizer:
     def compress(self, ids) -> torch.Tensor:
         """Raw ids (any int array shape) -> compressed ids; out-of-range ids raise a `ValueError`."""
         ids = torch.as_tensor(ids, dtype=torch.long)
-        n = self.compression_map.shape[0]
-        bad = ids[(ids < 0) | (ids >= n)]
-        if bad.numel():
-            raise ValueError(f"Token id {bad[0].item()} is out of range for the compression map (vocabulary size {n}).")
+        check_token_ids(ids, self.compression_map.shape[0])
         return self.compression_map[ids]
 
     def __call__(self, *args, **kwargs):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
 from ..modeling.integration_engram import TrainerHooks
 from .delta import apply_engram_delta, has_engram_delta, save_engram_delta
-from .optim import EngramOptimizer, build_optimizer, clip_grad_norm_, is_engram_parameter
+from .optim import EngramOptimizer, build_optimizer, clip_grad_norm_, engram_tables, is_engram_parameter
 
 
 class EngramTrainer(TrainerHooks, Trainer):
@@ -21,6 +23,13 @@ class EngramTrainer(TrainerHooks, Trainer):
     `weight_decay`, `adam_beta1/2` and `adam_epsilon` from the `TrainingArguments`.
     `max_grad_norm` clips the global norm over dense and sparse gradients. Checkpoints of a peft-wrapped model also
     hold the Engram delta (tables and Engram layers), restored by `resume_from_checkpoint`.
+
+    KL replay ("learning without forgetting"), with a frozen `teacher` (e.g. the untrained model: a graft computes
+    exactly its base's function): batches may mark rows of general text with a boolean `replay` `[B]`; the loss is
+    then the cross-entropy of the labelled tokens plus, on replay rows, KL(teacher || model) of every next-token
+    distribution, each token counted once in the mean. With `replay_tables=False` the replay rows run in a second
+    forward pass whose table lookups take no gradient, so the tables cannot learn to undo the rest of the model's drift
+    on the replay text's own n-grams.
     """
 
     def __init__(
@@ -30,12 +39,16 @@ class EngramTrainer(TrainerHooks, Trainer):
         table_lr_multiplier: float = 5.0,
         engram_lr: float | None = None,
         sparse_tables: bool = True,
+        teacher: nn.Module | None = None,
+        replay_tables: bool = True,
         **kwargs,
     ):
         self.table_optimizer = table_optimizer
         self.engram_lr = engram_lr
         self.table_lr_multiplier = table_lr_multiplier
         self.sparse_tables = sparse_tables
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.replay_tables = replay_tables
         super().__init__(*args, **kwargs)
         if self.optimizer is not None and not isinstance(self.optimizer, EngramOptimizer) and sparse_tables:
             raise ValueError(
@@ -59,6 +72,37 @@ class EngramTrainer(TrainerHooks, Trainer):
             )
         return self.optimizer
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is None or "replay" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        replay, labels = inputs.pop("replay"), inputs.pop("labels")  # [B], [B, T]
+        parts = [(torch.ones_like(replay), True)] if self.replay_tables else [(~replay, True), (replay, False)]
+        total, count, outputs = 0.0, 0, None
+        for rows, tables_learn in parts:
+            if not rows.any():
+                continue
+            with contextlib.nullcontext() if tables_learn else frozen(engram_tables(model)):
+                part = model(**{key: value[rows] for key, value in inputs.items()})
+            outputs = part if outputs is None else outputs  # returned: the first part's (fact rows if split)
+            logits = part.logits[:, :-1].float()  # [b, T-1, V]: position t predicts token t+1
+            targets = labels[rows][:, 1:]
+            total = total + F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            count = count + (targets != -100).sum()
+            kept = replay[rows]
+            if kept.any():
+                mask = inputs["attention_mask"][rows][kept]
+                with torch.no_grad():
+                    teacher = self.teacher(input_ids=inputs["input_ids"][rows][kept], attention_mask=mask)
+                reference = teacher.logits[:, :-1].float().log_softmax(-1)  # [R, T-1, V]
+                student = logits[kept].log_softmax(-1)
+                kl = F.kl_div(student, reference, reduction="none", log_target=True).sum(-1)  # [R, T-1]
+                real = mask[:, 1:].bool()  # the next token is text, not padding
+                total = total + kl[real].sum()
+                count = count + real.sum()
+        loss = total / count.clamp_min(1)
+        return (loss, outputs) if return_outputs else loss
+
     def engram_clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
         """The training step's clipping: the global norm over dense and sparse gradients."""
         self.accelerator.unscale_gradients()  # fp16 loss scaling: clip the true gradients
@@ -79,6 +123,19 @@ class EngramTrainer(TrainerHooks, Trainer):
         """Resuming a peft model restores its Engram delta."""
         if _is_peft(model) and has_engram_delta(checkpoint):
             apply_engram_delta(model, checkpoint)
+
+
+@contextlib.contextmanager
+def frozen(modules: list[nn.Module]):
+    """Parameters of `modules` take no gradient inside the block (their flags are restored after)."""
+    flags = [p.requires_grad for m in modules for p in m.parameters()]
+    for module in modules:
+        module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip((p for m in modules for p in m.parameters()), flags):
+            param.requires_grad_(flag)
 
 
 def _is_peft(model: nn.Module) -> bool:
