@@ -70,7 +70,7 @@ def _write(folder: Path, plan: Plan, dtype, max_bytes: int, seed: int, progress:
     from transformers import GenerationConfig
 
     writer, config, out_dtype = ShardWriter(folder, max_bytes), plan.config, plan.out_dtype
-    tensors, base_model = load_base_weights(plan.source, plan.base_config, dtype, progress)
+    tensors, base_model = load_base_weights(plan.source, plan.base_config, plan.shard_keys, dtype, progress)
     for name, tensor in tensors:
         writer.add(name, tensor)
     base_params = writer.total_params
@@ -79,11 +79,13 @@ def _write(folder: Path, plan: Plan, dtype, max_bytes: int, seed: int, progress:
     writer.add("model.engram_hasher.compression_map", plan.hasher.compression_map)
     writer.add("model.engram_hasher.geometry", plan.hasher.geometry)
     layers = {i: _init_engram_layer(plan.family.causal_lm_class, config, i) for i in plan.table_rows}
+    engram_params = plan.table_parameters
     for layer_idx, layer in layers.items():
         for name, tensor in layer.state_dict().items():
             if not name.startswith("table."):
                 writer.add(f"model.layers.{layer_idx}.engram.{name}",
                            tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+                engram_params += tensor.numel()
     std = getattr(config, "initializer_range", 0.02) or 0.02
     with tqdm(total=sum(plan.table_rows.values()), desc="Engram tables", unit="row", unit_scale=True,
               disable=not progress) as bar:
@@ -101,14 +103,11 @@ def _write(folder: Path, plan: Plan, dtype, max_bytes: int, seed: int, progress:
     copy_remote_code(folder)
     plan.tokenizer.save_pretrained(folder)
     _clean_tokenizer_config(folder / "tokenizer_config.json")
-    table_params = sum(plan.table_rows[i] * layer.head_dim for i, layer in layers.items())
     result = GraftResult(
         output_dir=folder, family=plan.base_config.model_type, layer_ids=list(plan.table_rows),
         vocab_size=len(plan.tokenizer), compressed_vocab_size=config.engram_compressed_vocab_size,
         engram_vocab_size=list(config.engram_vocab_size), table_rows=plan.table_rows, base_parameters=base_params,
-        engram_parameters=writer.total_params - base_params - plan.hasher.compression_map.numel()
-        - plan.hasher.geometry.numel(),
-        table_parameters=table_params, shards=shards,
+        engram_parameters=engram_params, table_parameters=plan.table_parameters, shards=shards,
     )
     return result, base_model
 
@@ -204,8 +203,7 @@ def graft(
     guard.protect(source.folder)
     plan = make_plan(source, dtype, layer_ids, max_ngram_size, n_head_per_ngram, n_embed_per_ngram, embed_per_head,
                  table_rows, short_conv, kernel_size, seed)
-    head_dim = plan.config.engram_n_embed_per_ngram // plan.config.engram_n_head_per_ngram
-    check_space(output_dir, source, dtype or plan.out_dtype, sum(plan.table_rows.values()) * head_dim, max_bytes)
+    check_space(output_dir, plan, max_bytes)
     # ---- written into a temporary folder next to the output; nothing under the output name until the end
     with guard as tmp:
         result, base_model_obj = _write(tmp, plan, dtype, max_bytes, seed, progress)

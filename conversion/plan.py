@@ -16,7 +16,7 @@ from ..families import Family, engram_config_from_base, family_of
 from ..modeling.configuration_engram import default_engram_layer_ids
 from ..modeling.hashing_engram import NgramHasher
 from ..tokenization.tokenization_engram import build_compression_map
-from .source import BaseSource, source_shards, stored_float_dtype
+from .source import BaseSource, scan_safetensors, source_shards, stored_float_dtype
 
 PROBE_PROMPT = "The Engram memory hashes the last few tokens of the context into large embedding tables."
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -26,11 +26,13 @@ _BYTE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}  # "500B"
 _COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}  # "2B" is 2 billion parameters
 
 
-def check_space(output_dir: Path, source: BaseSource, dtype: torch.dtype, table_params: int, max_bytes: int) -> None:
+def check_space(output_dir: Path, plan: Plan, max_bytes: int) -> None:
     """Log the planned size and file count; refuse a plan that does not fit the free disk space or would write an
     unreasonable number of shard files."""
-    base_files = [source.folder / source.gguf_file] if source.gguf_file else source_shards(source.folder)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    source = plan.source
+    base_files = [source.folder / source.gguf_file] if source.gguf_file else list(plan.shard_keys)
+    itemsize = torch.empty(0, dtype=plan.out_dtype).element_size()
+    table_params = plan.table_parameters
     planned = sum(f.stat().st_size for f in base_files) + table_params * itemsize
     files = math.ceil(planned / max_bytes)
     free = shutil.disk_usage(output_dir.parent if output_dir.parent.exists() else Path.cwd()).free
@@ -106,6 +108,12 @@ class Plan:
     table_rows: dict[int, int]  # layer id -> rows of its table
     out_dtype: torch.dtype
     command: str
+    shard_keys: dict[Path, list[str]] | None  # the base's safetensors shards and their keys (None: a GGUF)
+
+    @property
+    def table_parameters(self) -> int:
+        head_dim = self.config.engram_n_embed_per_ngram // self.config.engram_n_head_per_ngram
+        return sum(self.table_rows.values()) * head_dim
 
 
 def _load_tokenizer(source: BaseSource):
@@ -148,7 +156,9 @@ def make_plan(source: BaseSource, dtype, layer_ids, max_ngram_size, n_head_per_n
         raise ValueError(f"n_embed_per_ngram ({n_embed_per_ngram}) must be divisible by n_head_per_ngram "
                          f"({n_head_per_ngram}).")
     head_dim = n_embed_per_ngram // n_head_per_ngram
-    out_dtype = dtype or stored_float_dtype(source)  # also reads every shard header: a corrupt base fails here
+    # every shard header is read now: a truncated or corrupt base fails before anything is written
+    shard_keys = None if source.gguf_file else scan_safetensors(source_shards(source.folder))
+    out_dtype = dtype or stored_float_dtype(shard_keys)
     tokenizer = _load_tokenizer(source)
     if isinstance(table_rows, int):  # fail before the (slow) compression map
         _table_base_size(table_rows, 1, 1, 1, 1, 1)
@@ -169,4 +179,5 @@ def make_plan(source: BaseSource, dtype, layer_ids, max_ngram_size, n_head_per_n
          f" --table-rows {table_rows}" if table_rows is not None else "", "" if short_conv else " --no-short-conv",
          f" --seed {seed}"])
     table_rows_per_layer = {i: hasher.rows_per_layer(i) for i in layer_ids}
-    return Plan(source, base_config, family, config, tokenizer, hasher, table_rows_per_layer, out_dtype, command)
+    return Plan(source, base_config, family, config, tokenizer, hasher, table_rows_per_layer, out_dtype, command,
+                shard_keys)

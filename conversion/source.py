@@ -115,25 +115,27 @@ def base_license(source: BaseSource) -> str | None:
 _STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def stored_float_dtype(source: BaseSource) -> torch.dtype:
-    """The dtype the base's floating weights are stored in (float32 for a GGUF, which transformers dequantizes)."""
-    if source.gguf_file is None:
-        from safetensors import safe_open
+def stored_float_dtype(shard_keys: dict[Path, list[str]] | None) -> torch.dtype:
+    """The dtype the base's floating weights are stored in, from its scanned safetensors shards (`None`: a GGUF, which
+    transformers dequantizes to float32)."""
+    from safetensors import safe_open
 
-        for file in source_shards(source.folder):
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    stored = _STORED_DTYPES.get(handle.get_slice(key).get_dtype())
-                    if stored is not None:
-                        return stored
+    for file, keys in (shard_keys or {}).items():
+        with safe_open(str(file), framework="pt") as handle:
+            for key in keys:
+                stored = _STORED_DTYPES.get(handle.get_slice(key).get_dtype())
+                if stored is not None:
+                    return stored
     return torch.float32
 
 
-def load_base_weights(source: BaseSource, base_config, dtype: torch.dtype | None, progress: bool):
+def load_base_weights(
+    source: BaseSource, base_config, shard_keys: dict[Path, list[str]] | None, dtype: torch.dtype | None, progress: bool
+):
     """`(tensors, model)`: an iterator of every base weight's `(name, tensor)`, floating ones cast to `dtype` (None:
-    as stored; float32 for a GGUF), read
-    shard by shard from safetensors (never the whole model in memory; `model` is None); or, for a GGUF, from the
-    model transformers dequantizes as a whole (returned, so the verification can reuse it)."""
+    as stored; float32 for a GGUF), read shard by shard from the scanned safetensors `shard_keys` (never the whole
+    model in memory; `model` is None); or, for a GGUF, from the model transformers dequantizes as a whole (returned,
+    so the verification can reuse it)."""
     if source.gguf_file is not None:
         from transformers import AutoModelForCausalLM
 
@@ -144,15 +146,15 @@ def load_base_weights(source: BaseSource, base_config, dtype: torch.dtype | None
         if getattr(base_config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         names = tqdm(list(state), desc="copy base tensors", disable=not progress)
-        return ((name, state[name].to(dtype) if state[name].is_floating_point() else state[name]) for name in names), model
-    return _safetensors_weights(source, dtype, progress), None
+        tensors = ((name, state[name].to(dtype) if state[name].is_floating_point() else state[name]) for name in names)
+        return tensors, model
+    return _safetensors_weights(shard_keys, dtype, progress), None
 
 
-def _safetensors_weights(source: BaseSource, dtype: torch.dtype | None, progress: bool) -> Iterator:
+def _safetensors_weights(shard_keys: dict[Path, list[str]], dtype: torch.dtype | None, progress: bool) -> Iterator:
     from safetensors import safe_open
 
-    shards = scan_safetensors(source_shards(source.folder))
-    for file, keys in tqdm(shards.items(), desc="copy base shards", disable=not progress):
+    for file, keys in tqdm(shard_keys.items(), desc="copy base shards", disable=not progress):
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in keys:

@@ -18,15 +18,13 @@ import torch
 import transformers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import (
-    DynamicCache,
-    StaticCache,
-)
+from transformers import DynamicCache, StaticCache
 
 from .bundled import load_base
 from .conversion.twin import engram_twin
 from .modeling.hashing_engram import NgramHasher, layer_multipliers
 from .modeling.integration_engram import CACHE_KWARG, output_cache
+
 
 def numpy_reference_hash(compressed: np.ndarray, multipliers: list[list[int]], moduli: list[list[int]], n: int, k: int, pad: int):
     """The reference definition in plain NumPy: full-sequence recompute, a loop over layers, orders and heads."""

@@ -18,7 +18,8 @@ def bundled_smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-# random-weight shapes for `--shape` (the SmolLM2 vocabulary: its tokenizer gives the compression map)
+# random-weight Llama shapes for `--shape` (the SmolLM2 vocabulary: its tokenizer gives the compression map)
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3),
@@ -32,20 +33,9 @@ def load_base(model_id: str | None, tiny: bool = False, random_weights: bool = F
     the bundled SmolLM2-135M-Instruct), or a random-weight model (`tiny`, `random_weights`, or a `SHAPES` shape).
     `source` is `(model_id, load kwargs)` of a real checkpoint, `"tiny"` otherwise."""
     if shape is not None:
-        gguf = bundled_smollm2_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **SHAPES[shape])
-        return LlamaForCausalLM(config).eval(), tokenizer, f"{shape} Llama shape, random weights", "tiny"
+        return _random_llama(SHAPES[shape], f"{shape} Llama shape, random weights")
     if tiny:
-        gguf = bundled_smollm2_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        )
-        return LlamaForCausalLM(config).eval(), tokenizer, "tiny random Llama (SmolLM2 tokenizer)", "tiny"
+        return _random_llama(_TINY, "tiny random Llama (SmolLM2 tokenizer)")
     if model_id is None:
         gguf = bundled_smollm2_gguf()
         load = dict(gguf_file=gguf.name)
@@ -63,3 +53,12 @@ def load_base(model_id: str | None, tiny: bool = False, random_weights: bool = F
     if base.hf_quantizer is not None:  # GGUF weights are dequantised at load: make it a plain (trainable) float model
         base.hf_quantizer.remove_quantization_config(base)
     return base, tokenizer, name, (model_id, load)
+
+
+def _random_llama(shape: dict, name: str):
+    """A random-weight Llama of `shape` on the bundled SmolLM2 vocabulary, as `load_base` returns it."""
+    gguf = bundled_smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **shape)
+    return LlamaForCausalLM(config).eval(), tokenizer, name, "tiny"

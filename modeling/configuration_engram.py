@@ -8,13 +8,13 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 TABLE_DEVICES = ("host", "device", "auto")
+# "auto" keeps a table in host memory above this many parameters (512 MiB in float32, 256 MiB in bfloat16)
+ENGRAM_AUTO_HOST_PARAMETERS = 2**27
 
 
 def default_engram_layer_ids(num_hidden_layers: int) -> list[int]:
     """Layer 1 and half depth (design §3), distinct for any depth: `[0]` for 1 layer, `[1]` for 2 or 3."""
     return sorted({min(1, num_hidden_layers - 1), num_hidden_layers // 2})
-# "auto" keeps a table in host memory above this many parameters (512 MiB in float32, 256 MiB in bfloat16)
-ENGRAM_AUTO_HOST_PARAMETERS = 2**27
 
 
 @dataclass(repr=False)

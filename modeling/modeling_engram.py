@@ -19,9 +19,9 @@ from .integration_engram import (
     add_state_layers,
     check_cache_argument,
     get_conv_state,
-    transformers_device_map,
     pop_cache,
     register_table_parts_conversion,
+    transformers_device_map,
 )
 from .layer_engram import EngramLayer, EngramTable
 
@@ -104,7 +104,7 @@ class EngramDecoderLayerMixin:
         engram_padding_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        cache = pop_cache(kwargs)  # passed as `cache` or `cache`, depending on the transformers version
+        cache = pop_cache(kwargs)  # passed as `cache` or `past_key_values`, depending on the transformers version
         memory = engram_memory[self.engram.layer_idx]  # [B, T, d_mem]
         update = self.engram(hidden_states.unsqueeze(2), memory, engram_padding_mask, cache)
         hidden_states = hidden_states + update.squeeze(2)
@@ -342,8 +342,8 @@ class EngramModelMixin:
             Which new positions are real (1) or padding (0), where `attention_mask` is not a 2-D padding mask (a
             static cache's 4-D mask); by default a 2-D `attention_mask` says so.
         """
-        cache = pop_cache({**kwargs, "cache": cache})  # taken as `cache` or `past_key_values`, whatever the version
-        kwargs.pop("past_key_values", None)
+        kwargs["cache"] = cache
+        cache = pop_cache(kwargs)  # taken as `cache` or `past_key_values`, whatever the version
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
