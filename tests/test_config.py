@@ -39,3 +39,12 @@ def test_defaults_and_round_trip(cls):
 def test_bad_values(fields, message):
     with pytest.raises(ValueError, match=message):
         EngramLlamaConfig(**BASE, **fields)
+
+
+def test_default_engram_layer_ids_are_distinct_for_any_depth():
+    from engram_hf.modeling.configuration_engram import default_engram_layer_ids
+
+    assert default_engram_layer_ids(30) == [1, 15] and default_engram_layer_ids(1) == [0]
+    for depth in range(1, 9):
+        ids = default_engram_layer_ids(depth)
+        assert ids and len(set(ids)) == len(ids) and all(0 <= i < depth for i in ids)

@@ -552,3 +552,8 @@ def test_table_placement_option_round_trip(qwen2_graft, tmp_path, placement):
     assert covered == ([] if on_host else tables)
     model.to("meta")  # a device move: tables follow only when placed on the device
     assert all(model.get_submodule(name).weight.device.type == ("cpu" if on_host else "meta") for name in tables)
+
+
+def test_shard_size_units_are_bytes():
+    assert [graft_module.parse_size(s) for s in ("500B", "500", "2KB", "1.5MB", "2GB")] == [500, 500, 2000, 1_500_000,
+                                                                                         2_000_000_000]

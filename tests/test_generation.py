@@ -403,3 +403,15 @@ def test_static_cache_equals_dynamic(family, mode):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=f"step {step}")
     if mode != "beam_search":
         assert_steps_match_full(model, static, ids.shape[1], kwargs.get("attention_mask"))
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_base_model_takes_the_cache_under_either_name(family, name):
+    """The Engram base model takes the cache under the old and the new name alike, on any supported transformers."""
+    model = model_for(family).model
+    ids = encode(family, PROMPTS[0])
+    with torch.no_grad():
+        full = model(ids, use_cache=False).last_hidden_state
+        first = model(ids[:, :5], use_cache=True)
+        rest = model(ids[:, 5:], **{name: output_cache(first)}, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.last_hidden_state, rest.last_hidden_state], 1), full, atol=ATOL, rtol=0)

@@ -21,6 +21,7 @@ from engram_hf.modeling.integration_engram import (
     NEWEST_TESTED,
     check_cache_argument,
     check_transformers_version,
+    pop_cache,
 )
 from engram_hf.modeling.modeling_engram import EngramDecoderLayerMixin
 from tiny_models import tiny_config
@@ -87,3 +88,12 @@ def test_renamed_cache_argument_stops_loading():
     EngramLlamaModel(config)  # the real family builds
     with pytest.raises(RuntimeError, match=rf"_RenamedCacheLayer.forward in transformers .* `{CACHE_KWARG}`"):
         _RenamedEngramModel(config)
+
+
+def test_pop_cache_takes_either_name_and_refuses_two_caches():
+    first, second = object(), object()
+    for kwargs in ({"cache": first}, {"past_key_values": first}, {"cache": first, "past_key_values": first}):
+        assert pop_cache(kwargs) is first and kwargs == {}
+    assert pop_cache({"cache": None, "past_key_values": first}) is first
+    with pytest.raises(ValueError, match="Two different caches"):
+        pop_cache({"cache": first, "past_key_values": second})
