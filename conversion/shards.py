@@ -5,20 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from pathlib import Path
 
 import torch
 
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+from ..modeling.mmap_engram import SAFETENSORS_DTYPES, TABLE_ALIGNMENT, rows_per_part, write_safetensors
 
 
 def _header_entry_size(name: str, dtype: torch.dtype, shape) -> int:
     """Upper bound of the bytes a tensor's entry takes in a safetensors header (data offsets of up to 20 digits)."""
-    entry = {name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [2**64 - 1] * 2}}
+    entry = {name: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [2**64 - 1] * 2}}
     return len(json.dumps(entry, separators=(",", ":")))  # its braces pay for the separating comma
 
 
@@ -52,7 +48,7 @@ class ShardWriter:
 
     `add` queues a tensor for the current shard (one larger than a shard gets a shard of its own, as in transformers).
     `add_table` streams a table from its row chunks into shards of its own: whole where it fits in one, else as row
-    slices `<name>.part.<i>`, one per shard, which `from_pretrained` reassembles (`EngramTablePartsConverter`).
+    slices `<name>.part.<i>`, one per shard, which `from_pretrained` maps back into one table (`EngramTablePartsConverter`).
     """
 
     def __init__(self, folder: Path, max_bytes: int):
@@ -84,36 +80,26 @@ class ShardWriter:
         if _header_entry_size(name, dtype, (rows, dim)) + _data_size(dtype, (rows, dim)) <= room:
             self._write([(name, dtype, (rows, dim))], stream.take(rows))
         else:
-            header = _header_entry_size(f"{name}.part.{rows}", dtype, (rows, dim))  # bounds every part's entry
-            part_rows = (room - header) // _data_size(dtype, (1, dim))
+            # aligned slices (data at a multiple of TABLE_ALIGNMENT, after a padded header) load as one memory map;
+            # shards too small for one aligned run of rows get packed slices, which load as a copy
+            row_bytes = _data_size(dtype, (1, dim))
+            part_rows = rows_per_part(row_bytes, self.max_bytes - TABLE_ALIGNMENT)
+            align = part_rows > 0
+            if not align:
+                header = _header_entry_size(f"{name}.part.{rows}", dtype, (rows, dim))  # bounds every part's entry
+                part_rows = (room - header) // row_bytes
             if part_rows < 1:
                 raise ValueError(f"max_shard_size ({self.max_bytes} bytes) cannot hold one row of {name}.")
             for i, start in enumerate(range(0, rows, part_rows)):
                 count = min(part_rows, rows - start)
-                self._write([(f"{name}.part.{i}", dtype, (count, dim))], stream.take(count))
+                self._write([(f"{name}.part.{i}", dtype, (count, dim))], stream.take(count), align)
         self.total_bytes += _data_size(dtype, (rows, dim))
         self.total_params += rows * dim
 
-    def _write(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], blocks) -> None:
-        """One shard file: the header of `entries` (name, dtype, shape), then their data from consecutive `blocks`."""
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, dtype, shape in entries:
-            size = _data_size(dtype, shape)
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        file_name, written = f"shard-{len(self.shards):05d}.tmp.safetensors", 0
-        with open(self.folder / file_name, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            for block in blocks:
-                data = block.detach().contiguous().reshape(-1).view(torch.uint8)
-                out.write(data.numpy())
-                written += data.numel()
-        if written != offset:
-            raise RuntimeError(f"Shard {file_name}: wrote {written} bytes of data, expected {offset}.")
+    def _write(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], blocks, align: bool = False) -> None:
+        """One shard file of `entries` (name, dtype, shape), data from consecutive `blocks` (see `write_safetensors`)."""
+        file_name = f"shard-{len(self.shards):05d}.tmp.safetensors"
+        write_safetensors(self.folder / file_name, entries, blocks, align)
         self.shards.append((file_name, [name for name, _, _ in entries]))
 
     def finish(self) -> list[str]:

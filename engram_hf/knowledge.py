@@ -239,7 +239,8 @@ def _run_mode(mode: str, args: argparse.Namespace, queue) -> None:
         trainer = EngramTrainer(
             model=model, args=training, train_dataset=data, data_collator=data.collate,
             table_optimizer=args.table_optimizer, table_lr_multiplier=args.table_lr_multiplier,
-            engram_lr=args.engram_lr, teacher=teacher if distill else None,
+            engram_lr=args.engram_lr, damp_first_step=args.table_first_step == "damped",
+            teacher=teacher if distill else None,
             replay_tables=args.replay_tables == "learn",
         )
         start = time.perf_counter()

@@ -65,6 +65,8 @@ from transformers.conversion_mapping import (  # noqa: E402
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming  # noqa: E402
 from transformers.integrations.accelerate import _get_device_map  # noqa: E402
 
+from .mmap_engram import map_rows  # noqa: E402
+
 
 # --- the cache argument ------------------------------------------------------------------------------------------
 # transformers 5.24 renamed the cache argument of every model, decoder layer and `prepare_inputs_for_generation` from
@@ -201,14 +203,19 @@ TABLE_KEY = "engram.table.weight"
 
 
 class ConcatenateRows(ConversionOps):
-    """Row slices -> one tensor, copied slice by slice into a buffer whose pages are committed as they are filled.
+    """Row slices -> one tensor: one memory map over the slices' files where they are laid out for it (`map_rows`),
+    else copied slice by slice into a buffer whose pages are committed as they are filled.
 
     Each slice is dropped once copied, so a table converted at load (to another dtype, say) is never held twice.
     """
 
     @torch.no_grad()
     def convert(self, input_dict: dict, source_patterns: list[str], target_patterns: list[str], **kwargs) -> dict:
-        parts = [part for pattern in source_patterns for part in input_dict.pop(pattern, [])][::-1]
+        parts = [part for pattern in source_patterns for part in input_dict.pop(pattern, [])]
+        table = map_rows(parts)
+        if table is not None:
+            return {target_patterns[0]: table}
+        parts.reverse()
         table = parts[-1].new_empty((sum(len(part) for part in parts), *parts[-1].shape[1:]))
         start = 0
         while parts:
@@ -221,7 +228,8 @@ class ConcatenateRows(ConversionOps):
 class EngramTablePartsConverter(WeightConverter):
     """Loads a table stored as row slices `...engram.table.weight.part.<i>` as the whole `...engram.table.weight`.
 
-    Reassembled on the CPU (tables stay in host memory); saving keeps the table whole (the reverse is the identity).
+    Reassembled on the CPU (tables stay in host memory), as a memory map where the layout allows; saving writes the
+    whole table (the reverse is the identity), split again by `EngramPreTrainedMixin.save_pretrained`.
     """
 
     __slots__ = ()

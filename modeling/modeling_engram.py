@@ -10,11 +10,13 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils.hub import convert_file_size_to_int
 
 from .configuration_engram import EngramLlamaConfig, EngramQwen2Config, EngramQwen3Config
 from .hashing_engram import NgramHasher
 from .integration_engram import (
     CACHE_KWARG,
+    TABLE_KEY,
     PreTrainedHooks,
     add_state_layers,
     check_cache_argument,
@@ -24,6 +26,7 @@ from .integration_engram import (
     transformers_device_map,
 )
 from .layer_engram import EngramLayer, EngramTable
+from .mmap_engram import save_table_parts
 
 
 def copy_remote_code(folder: str | Path) -> None:
@@ -233,10 +236,30 @@ class EngramPreTrainedMixin(PreTrainedHooks):
             **{auto: f"{module}.{name}" for auto, name in cls.engram_auto_classes.items()},
         }
 
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Save weights and config, plus `auto_map` and every remote-code file of this folder."""
+    def save_pretrained(
+        self, save_directory, *args, state_dict: dict | None = None, max_shard_size: int | str = "50GB", **kwargs
+    ) -> None:
+        """Save weights and config, plus `auto_map` and every remote-code file of this folder.
+
+        A table larger than `max_shard_size` is saved as aligned row slices (`save_table_parts`), which load back as one
+        memory map; transformers would write it whole, in a shard of its own as large as the table.
+        """
         self.config.auto_map = self.remote_code_auto_map()
-        super().save_pretrained(save_directory, *args, **kwargs)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        limit = convert_file_size_to_int(max_shard_size)
+        split = {
+            key: tensor for key, tensor in state_dict.items()
+            if key.endswith(TABLE_KEY) and tensor.numel() * tensor.element_size() > limit
+        }
+        if split and kwargs.get("push_to_hub"):
+            raise ValueError(
+                "Tables larger than max_shard_size are saved as row slices, which push_to_hub would not upload: save to "
+                "a folder, then upload it (`engram-hf publish FOLDER REPO`)."
+            )
+        rest = {key: tensor for key, tensor in state_dict.items() if key not in split}
+        super().save_pretrained(save_directory, *args, state_dict=rest, max_shard_size=max_shard_size, **kwargs)
+        if split and kwargs.get("is_main_process", True):
+            save_table_parts(Path(save_directory), split, limit)
         copy_remote_code(save_directory)
 
 

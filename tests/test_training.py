@@ -287,19 +287,40 @@ def test_empty_memory_bad_input():
 # ------------------------------------------------------------------------------- update rules vs float64 references
 
 
+def test_rowwise_adagrad_damps_a_rows_first_step():
+    """Undamped, every new row moves by the full LR (RMS), a noise-sized gradient too; damped, a new row with the step's
+    typical gradient moves by lr / sqrt(2) and one 1000x smaller by about lr / 1000."""
+    lr, scales = 0.5, torch.tensor([1.0, 1.0, 1.0, 1e-3])  # rows 0-2 typical, row 3 noise
+    for damped in (False, True):
+        table = nn.Embedding(4, 8, sparse=True)
+        optimizer = EngramOptimizer([{"params": [table.weight]}], lr=lr, eps=0.0, method="rowwise_adagrad",
+                                    damp_first_step=damped)
+        before = table.weight.detach().clone()
+        (table(torch.arange(4)) * torch.randn(4, 8) * scales[:, None]).sum().backward()
+        square = table.weight.grad.coalesce().values().pow(2).mean(1)  # [4]
+        optimizer.step()
+        moved = (table.weight.detach() - before).pow(2).mean(1).sqrt()  # [4] RMS per row
+        if not damped:
+            torch.testing.assert_close(moved, torch.full((4,), lr))
+        else:
+            torch.testing.assert_close(moved, lr * (square / (square + square.mean())).sqrt())
+            assert moved[3] < lr * 2e-3 and (moved[:3] > lr * 0.6).all()
+
+
 STEP_ROWS = [[1, 3, 3, 7], [3, 5], [7, 1, 1, 1, 9], [5], [0, 5, 5]]  # duplicates, rows skipped by some steps
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("grad_kind", ["sparse", "dense"])
-@pytest.mark.parametrize("method", ["adam", "rowwise_adagrad"])
+@pytest.mark.parametrize("method", ["adam", "rowwise_adagrad", "rowwise_adagrad_undamped"])
 def test_sparse_methods_match_float64_reference(method, grad_kind, weight_decay):
     torch.manual_seed(0)
     rows_total, dim, lr, (beta1, beta2), eps = 12, 5, 0.05, (0.8, 0.95), 1e-3
     table = nn.Embedding(rows_total, dim, sparse=grad_kind == "sparse")
+    damped = method == "rowwise_adagrad"
     optimizer = EngramOptimizer(
         [{"params": [table.weight], "name": "t"}], lr=lr, betas=(beta1, beta2), eps=eps,
-        weight_decay=weight_decay, method=method,
+        weight_decay=weight_decay, method=method.removesuffix("_undamped"), damp_first_step=damped,
     )
     w = table.weight.detach().double().clone()  # float64 reference state
     m = torch.zeros(rows_total, dim, dtype=torch.float64)
@@ -321,12 +342,15 @@ def test_sparse_methods_match_float64_reference(method, grad_kind, weight_decay)
         grads: dict[int, torch.Tensor] = {}
         for r, g in zip(rows, upstream.double()):
             grads[r] = grads.get(r, 0) + g
+        step_mean = sum((g * g).mean() for g in grads.values()) / len(grads)  # damping: a new row's first sum
         for r, g in grads.items():
             if method == "adam":
                 m[r] = beta1 * m[r] + (1 - beta1) * g
                 v[r] = beta2 * v[r] + (1 - beta2) * g * g
                 update = (m[r] / (1 - beta1**t)) / ((v[r] / (1 - beta2**t)).sqrt() + eps)
             else:
+                if damped and accumulated[r] == 0:
+                    accumulated[r] = step_mean
                 accumulated[r] += (g * g).mean()
                 update = g / (accumulated[r].sqrt() + eps)
             w[r] = w[r] - lr * (update + weight_decay * w[r])

@@ -39,6 +39,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="backbone / LoRA LR")
     parser.add_argument("--engram-lr", type=float, default=1e-2, help="dense Engram LR")
     parser.add_argument("--table-optimizer", default="rowwise_adagrad", choices=["adam", "rowwise_adagrad"])
+    parser.add_argument("--table-first-step", default="damped", choices=["damped", "full"],
+                        help="row-wise Adagrad: damp a row's first step (default) or let it move by the full LR")
     parser.add_argument("--table-lr-multiplier", type=float, default=100.0, help="table LR = --engram-lr x this")
     parser.add_argument("--train-engram", default="tables", choices=["all", "tables"],
                         help="which Engram parameters train: only the tables (default) or all")

@@ -57,6 +57,12 @@ class EngramOptimizer(torch.optim.Optimizer):
     `torch.optim.SparseAdam`) or `"rowwise_adagrad"` (one float32 accumulator per row: `G[r] += mean(g[r]^2)`,
     `w[r] -= lr * g[r] / (sqrt(G[r]) + eps)`). Sparse methods accept dense gradients too (their non-zero rows are
     updated). A single `Optimizer` keeps Trainer's LR schedulers, checkpointing and accelerate wrapping working.
+
+    Plain row-wise Adagrad moves a row by exactly `lr` (RMS) on its first step, however small its gradient, so rows
+    touched once by noise jump as far as the rows a batch is about. With `damp_first_step` (default) a row's accumulator
+    starts at the mean of this step's `mean(g[r]^2)` over the table's rows: a new row with a typical gradient moves by
+    `lr / sqrt(2)`, one with a much smaller gradient proportionally less. The mean is per table and per step, so the
+    damping follows the gradients' scale (no constant to tune).
     """
 
     def __init__(
@@ -67,8 +73,11 @@ class EngramOptimizer(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         method: str = "adamw",
+        damp_first_step: bool = True,
     ):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, method=method))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, method=method,
+                        damp_first_step=damp_first_step)
+        super().__init__(params, defaults)
         for group in self.param_groups:
             if group["method"] not in TABLE_METHODS:
                 raise ValueError(f"Unknown optimizer method {group['method']!r}; choose from {TABLE_METHODS}.")
@@ -128,7 +137,11 @@ class EngramOptimizer(torch.optim.Optimizer):
         if group["method"] == "rowwise_adagrad":
             if not state:
                 state["sum"] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)  # [rows]
-            accumulated = state["sum"].index_add_(0, rows, values.float().pow(2).mean(1))[rows]  # [n]
+            square = values.float().pow(2).mean(1)  # [n]
+            # (a state saved before this option existed was trained undamped: it resumes so)
+            if group.get("damp_first_step", False) and len(square):  # a new row starts as if it had seen this step's mean
+                square = square + (state["sum"][rows] == 0) * square.mean()
+            accumulated = state["sum"].index_add_(0, rows, square)[rows]  # [n]
             update = values / (accumulated.sqrt().add_(eps)).to(param.dtype)[:, None]
         else:
             if not state:
@@ -157,14 +170,16 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     sparse_tables: bool = True,
+    damp_first_step: bool = True,
 ) -> EngramOptimizer:
     """Split trainable parameters into Engram tables, dense Engram parameters and backbone, and build the optimizer.
 
     Dense Engram parameters (W_K, W_V, norms, conv) train with AdamW at `engram_lr` (default `lr`), the backbone at
     `lr`, with `weight_decay` on matrices only. Tables get `engram_lr * table_lr_multiplier` and no weight decay (the
     paper's recipe) with `table_optimizer` ("adam": lazy sparse Adam, two moment copies of the table;
-    "rowwise_adagrad": one float per row; "adamw": dense AdamW, only with `sparse_tables=False`). Frozen parameters
-    (`requires_grad=False`) are left out.
+    "rowwise_adagrad": one float per row, its first step damped unless `damp_first_step=False`, see
+    `EngramOptimizer`; "adamw": dense AdamW, only with `sparse_tables=False`). Frozen parameters (`requires_grad=False`)
+    are left out.
     """
     if table_optimizer not in TABLE_METHODS:
         raise ValueError(f"Unknown table_optimizer {table_optimizer!r}; choose from {TABLE_METHODS}.")
@@ -196,7 +211,9 @@ def build_optimizer(
     param_groups = [group for group in groups.values() if group["params"]]
     if not param_groups:
         raise ValueError("The model has no trainable parameters.")
-    return EngramOptimizer(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return EngramOptimizer(
+        param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, damp_first_step=damp_first_step
+    )
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, group_name: str | None = None) -> int:

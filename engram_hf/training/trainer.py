@@ -19,7 +19,8 @@ class EngramTrainer(TrainerHooks, Trainer):
     """A `Trainer` that builds the Engram optimizer groups and clips sparse table gradients correctly.
 
     Tables train with `table_optimizer` at `engram_lr * table_lr_multiplier` without weight decay, dense Engram
-    parameters at `engram_lr` (default: `learning_rate`), the rest at `learning_rate`; dense groups use AdamW with
+    parameters at `engram_lr` (default: `learning_rate`), the rest at `learning_rate` (`damp_first_step`: see
+    `EngramOptimizer`); dense groups use AdamW with
     `weight_decay`, `adam_beta1/2` and `adam_epsilon` from the `TrainingArguments`.
     `max_grad_norm` clips the global norm over dense and sparse gradients. Checkpoints of a peft-wrapped model also
     hold the Engram delta (tables and Engram layers), restored by `resume_from_checkpoint`.
@@ -39,6 +40,7 @@ class EngramTrainer(TrainerHooks, Trainer):
         table_lr_multiplier: float = 5.0,
         engram_lr: float | None = None,
         sparse_tables: bool = True,
+        damp_first_step: bool = True,
         teacher: nn.Module | None = None,
         replay_tables: bool = True,
         **kwargs,
@@ -47,6 +49,7 @@ class EngramTrainer(TrainerHooks, Trainer):
         self.engram_lr = engram_lr
         self.table_lr_multiplier = table_lr_multiplier
         self.sparse_tables = sparse_tables
+        self.damp_first_step = damp_first_step
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.replay_tables = replay_tables
         super().__init__(*args, **kwargs)
@@ -69,6 +72,7 @@ class EngramTrainer(TrainerHooks, Trainer):
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
                 sparse_tables=self.sparse_tables,
+                damp_first_step=self.damp_first_step,
             )
         return self.optimizer
 
