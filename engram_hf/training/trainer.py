@@ -22,7 +22,9 @@ class EngramTrainer(TrainerHooks, Trainer):
     parameters at `engram_lr` (default: `learning_rate`), the rest at `learning_rate` (`damp_first_step`: see
     `EngramOptimizer`); dense groups use AdamW with
     `weight_decay`, `adam_beta1/2` and `adam_epsilon` from the `TrainingArguments`.
-    `max_grad_norm` clips the global norm over dense and sparse gradients. Checkpoints of a peft-wrapped model also
+    `max_grad_norm` clips the global norm over dense and sparse gradients. Several processes train with DDP (sparse
+    table gradients are summed over ranks like dense ones, so every rank applies the same row updates); FSDP and
+    DeepSpeed are refused. Checkpoints of a peft-wrapped model also
     hold the Engram delta (tables and Engram layers), restored by `resume_from_checkpoint`.
 
     KL replay ("learning without forgetting"), with a frozen `teacher` (e.g. the untrained model: a graft computes
@@ -53,6 +55,14 @@ class EngramTrainer(TrainerHooks, Trainer):
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.replay_tables = replay_tables
         super().__init__(*args, **kwargs)
+        fsdp = bool(self.is_fsdp_enabled or self.args.fsdp)  # accelerate drops the plugin on CPU: ask the args too
+        if fsdp or self.is_deepspeed_enabled or self.args.deepspeed:
+            raise ValueError(
+                f"EngramTrainer does not support {'FSDP' if fsdp else 'DeepSpeed'}: it shards "
+                "parameters and optimizer state into flat buffers, while Engram tables train with sparse row gradients "
+                "and row-wise optimizer state. Train on several processes with DDP instead (`torchrun "
+                "--nproc_per_node N train.py` or `accelerate launch` with distributed_type MULTI_GPU / MULTI_CPU)."
+            )
         if self.optimizer is not None and not isinstance(self.optimizer, EngramOptimizer) and sparse_tables:
             raise ValueError(
                 f"optimizers=({type(self.optimizer).__name__}, ...) cannot update sparse Engram table gradients; leave "
