@@ -29,3 +29,11 @@ __all__ = [
     "set_sparse_tables",
     "set_trainable",
 ]
+
+
+def __getattr__(name: str):
+    if name == "EngramSFTTrainer":  # imports trl, an optional dependency, only when asked for
+        from .sft import EngramSFTTrainer
+
+        return EngramSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
