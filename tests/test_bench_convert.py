@@ -22,3 +22,22 @@ def test_bench_convert_smoke(tmp_path, capsys):
     assert run["verify"] is False and run["peak_rss_gib"] > 0 and run["shards"] > 2
     assert run["table_gib"] >= 0.002 and run["largest_shard_bytes"] <= 200_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "bench.json"]  # the converted output is deleted
+
+
+def test_bench_load_smoke(tmp_path, capsys):
+    """`engram-hf bench-load` on a tiny base: both checkpoints graft, load and generate; every field is there."""
+    base = save_word_level_llama(tmp_path / "base")
+    out = tmp_path / "load.json"
+    code = main(["bench-load", "--base", str(base), "--table-gib", "0.004", "--ratio-table-gib", "0.002",
+                 "--max-shard-size", "400KB", "--tokens", "4", "--ratio-rounds", "1", "--threads", "1",
+                 "--workdir", str(tmp_path), "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == results
+    large, ratio = results["runs"]
+    for run in (large, ratio):
+        assert {"table_gib", "graft_s", "shards", "target_gib", "within_target", "load_s", "base_bytes",
+                "cold_ms_per_token", "warm_ms_per_token", "peak_rss_gib", "wall_s"} <= set(run)
+        assert run["shards"] > 2 and run["peak_rss_gib"] > 0
+    assert large["table_gib"] > ratio["table_gib"] > 0.0015 and "decode_ratio" in ratio and ratio["decode_ratio"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "load.json"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench, bench_convert, convert, demo, generate, knowledge_bench, publish
+from . import bench, bench_convert, bench_load, convert, demo, generate, knowledge_bench, publish
 
-COMMANDS = (demo, bench, bench_convert, convert, publish, generate, knowledge_bench)
+COMMANDS = (demo, bench, bench_convert, bench_load, convert, publish, generate, knowledge_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
