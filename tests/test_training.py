@@ -289,9 +289,10 @@ def test_empty_memory_bad_input():
 
 def test_rowwise_adagrad_damps_a_rows_first_step():
     """Undamped, every new row moves by the full LR (RMS), a noise-sized gradient too; damped, a new row with the step's
-    typical gradient moves by lr / sqrt(2) and one 1000x smaller by about lr / 1000."""
+    median gradient moves by lr / sqrt(2) and one 1000x smaller by about lr / 1000 (times the median's RMS)."""
     lr, scales = 0.5, torch.tensor([1.0, 1.0, 1.0, 1e-3])  # rows 0-2 typical, row 3 noise
     for damped in (False, True):
+        torch.manual_seed(0)
         table = nn.Embedding(4, 8, sparse=True)
         optimizer = EngramOptimizer([{"params": [table.weight]}], lr=lr, eps=0.0, method="rowwise_adagrad",
                                     damp_first_step=damped)
@@ -303,8 +304,8 @@ def test_rowwise_adagrad_damps_a_rows_first_step():
         if not damped:
             torch.testing.assert_close(moved, torch.full((4,), lr))
         else:
-            torch.testing.assert_close(moved, lr * (square / (square + square.mean())).sqrt())
-            assert moved[3] < lr * 2e-3 and (moved[:3] > lr * 0.6).all()
+            torch.testing.assert_close(moved, lr * (square / (square + square.median())).sqrt())
+            assert moved[3] < lr * 1e-2 and (moved[:3] > lr * 0.4).all()
 
 
 STEP_ROWS = [[1, 3, 3, 7], [3, 5], [7, 1, 1, 1, 9], [5], [0, 5, 5]]  # duplicates, rows skipped by some steps
@@ -342,7 +343,7 @@ def test_sparse_methods_match_float64_reference(method, grad_kind, weight_decay)
         grads: dict[int, torch.Tensor] = {}
         for r, g in zip(rows, upstream.double()):
             grads[r] = grads.get(r, 0) + g
-        step_mean = sum((g * g).mean() for g in grads.values()) / len(grads)  # damping: a new row's first sum
+        step_median = torch.stack([(g * g).mean() for g in grads.values()]).float().median().double()  # damping
         for r, g in grads.items():
             if method == "adam":
                 m[r] = beta1 * m[r] + (1 - beta1) * g
@@ -350,7 +351,7 @@ def test_sparse_methods_match_float64_reference(method, grad_kind, weight_decay)
                 update = (m[r] / (1 - beta1**t)) / ((v[r] / (1 - beta2**t)).sqrt() + eps)
             else:
                 if damped and accumulated[r] == 0:
-                    accumulated[r] = step_mean
+                    accumulated[r] = step_median
                 accumulated[r] += (g * g).mean()
                 update = g / (accumulated[r].sqrt() + eps)
             w[r] = w[r] - lr * (update + weight_decay * w[r])

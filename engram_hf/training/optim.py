@@ -60,9 +60,9 @@ class EngramOptimizer(torch.optim.Optimizer):
 
     Plain row-wise Adagrad moves a row by exactly `lr` (RMS) on its first step, however small its gradient, so rows
     touched once by noise jump as far as the rows a batch is about. With `damp_first_step` (default) a row's accumulator
-    starts at the mean of this step's `mean(g[r]^2)` over the table's rows: a new row with a typical gradient moves by
-    `lr / sqrt(2)`, one with a much smaller gradient proportionally less. The mean is per table and per step, so the
-    damping follows the gradients' scale (no constant to tune).
+    starts at the median of this step's `mean(g[r]^2)` over the table's rows: a new row with a median gradient moves by
+    `lr / sqrt(2)`, one with a much larger gradient by almost `lr`, one with a much smaller gradient proportionally
+    less. The median is per table and per step, so the damping follows the gradients' scale (no constant to tune).
     """
 
     def __init__(
@@ -139,8 +139,8 @@ class EngramOptimizer(torch.optim.Optimizer):
                 state["sum"] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)  # [rows]
             square = values.float().pow(2).mean(1)  # [n]
             # (a state saved before this option existed was trained undamped: it resumes so)
-            if group.get("damp_first_step", False) and len(square):  # a new row starts as if it had seen this step's mean
-                square = square + (state["sum"][rows] == 0) * square.mean()
+            if group.get("damp_first_step", False) and len(square):  # a new row starts at this step's median
+                square = square + (state["sum"][rows] == 0) * square.median()
             accumulated = state["sum"].index_add_(0, rows, square)[rows]  # [n]
             update = values / (accumulated.sqrt().add_(eps)).to(param.dtype)[:, None]
         else:
