@@ -141,10 +141,9 @@ def save_table_parts(folder: Path, tables: dict[str, torch.Tensor], max_bytes: i
     if index_file.exists():
         index = json.loads(index_file.read_text())
     else:  # one shard, saved without an index: renamed so that the index is what loads
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as handle:
-            keys = list(handle.keys())
+        with open(single, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        keys = [key for key in header if key != "__metadata__"]
         os.replace(single, folder / "model-00001-of-00001.safetensors")
         index = {"metadata": {}, "weight_map": dict.fromkeys(keys, "model-00001-of-00001.safetensors")}
     slices = []

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from ..bench_convert import bench_convert
+from .report import print_report
 
 
 def run(args: argparse.Namespace) -> int:
     verify = {"no": (False,), "yes": (True,), "both": (False, True)}[args.verify]
     results = bench_convert(args.base, args.table_gib, verify, args.workdir, args.max_shard_size, args.dtype)
-    text = json.dumps(results, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return print_report(results, args.out)
 
 
 def add_parser(commands) -> None:

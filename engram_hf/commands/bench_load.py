@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from ..bench_load import bench_load
+from .report import print_report
 
 
 def run(args: argparse.Namespace) -> int:
     results = bench_load(args.base, args.table_gib, args.ratio_table_gib, args.max_shard_size, args.tokens,
                          args.ratio_rounds, args.threads, args.workdir)
-    text = json.dumps(results, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return print_report(results, args.out)
 
 
 def add_parser(commands) -> None:
