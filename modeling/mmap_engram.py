@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger("engram_hf.mmap")
 
 # data of every table slice starts at, and every slice but the last spans, a multiple of this (any common page size)
 TABLE_ALIGNMENT = 1 << 16
@@ -126,6 +129,10 @@ def map_rows(parts: list[torch.Tensor]) -> torch.Tensor | None:
             finally:
                 os.close(fd)
             start += size
+    except OSError as error:  # e.g. a shard deleted or replaced since safetensors opened it: copy instead
+        libc.munmap(base, reserved)
+        logger.warning(f"An Engram table could not be memory-mapped ({error}); it is loaded as a copy in RAM.")
+        return None
     except BaseException:
         libc.munmap(base, reserved)
         raise
