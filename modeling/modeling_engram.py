@@ -245,19 +245,20 @@ class EngramPreTrainedMixin(PreTrainedHooks):
         memory map; transformers would write it whole, in a shard of its own as large as the table.
         """
         self.config.auto_map = self.remote_code_auto_map()
-        state_dict = self.state_dict() if state_dict is None else state_dict
+        tensors = self.state_dict() if state_dict is None else state_dict
         limit = convert_file_size_to_int(max_shard_size)
         split = {
-            key: tensor for key, tensor in state_dict.items()
+            key: tensor for key, tensor in tensors.items()
             if key.endswith(TABLE_KEY) and tensor.numel() * tensor.element_size() > limit
         }
-        if split and kwargs.get("push_to_hub"):
-            raise ValueError(
-                "Tables larger than max_shard_size are saved as row slices, which push_to_hub would not upload: save to "
-                "a folder, then upload it (`engram-hf publish FOLDER REPO`)."
-            )
-        rest = {key: tensor for key, tensor in state_dict.items() if key not in split}
-        super().save_pretrained(save_directory, *args, state_dict=rest, max_shard_size=max_shard_size, **kwargs)
+        if split:  # transformers saves the rest; without split tables it saves as it would (state_dict as given)
+            if kwargs.get("push_to_hub"):
+                raise ValueError(
+                    "Tables larger than max_shard_size are saved as row slices, which push_to_hub would not upload: "
+                    "save to a folder, then upload it (`engram-hf publish FOLDER REPO`)."
+                )
+            state_dict = {key: tensor for key, tensor in tensors.items() if key not in split}
+        super().save_pretrained(save_directory, *args, state_dict=state_dict, max_shard_size=max_shard_size, **kwargs)
         if split and kwargs.get("is_main_process", True):
             save_table_parts(Path(save_directory), split, limit)
         copy_remote_code(save_directory)
